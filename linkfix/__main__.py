@@ -1,0 +1,5 @@
+import sys
+
+from linkfix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The `linkfix` command line: argument parsing and the error contract.
+
+Command modules are imported only when their command runs, so `linkfix --help`
+never loads lief, keystone or capstone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from linkfix import __version__
+from linkfix.errors import EXIT_INTERNAL, LinkfixError
+
+# command name -> module providing `run(args) -> int`
+COMMANDS = {
+    "gen-stubs": "linkfix.genstubs",
+    "patch": "linkfix.patch",
+    "inspect": "linkfix.inspect",
+    "verify": "linkfix.verify",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linkfix",
+        description="Generate patchable paravirt call sites and splice the chosen "
+        "bodies into a linked image.",
+    )
+    parser.add_argument("--version", action="version", version=f"linkfix {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser("gen-stubs", help="render call sites, thunks and tables from an op spec")
+    gen.add_argument("spec", help="op spec (TOML)")
+    gen.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
+    _common(gen)
+
+    patch = sub.add_parser("patch", help="splice the chosen bodies into every site of an image")
+    patch.add_argument("image", help="linked ELF image")
+    dest = patch.add_mutually_exclusive_group(required=True)
+    dest.add_argument("-o", "--output", metavar="OUT", help="patched image to write")
+    dest.add_argument("--in-place", action="store_true", help="replace IMAGE atomically")
+    _selection(patch, required_target=False)
+    _common(patch)
+
+    insp = sub.add_parser("inspect", help="list every site, its state and its alternatives")
+    insp.add_argument("image", help="linked ELF image")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(insp)
+
+    ver = sub.add_parser("verify", help="check that every site holds what the selection implies")
+    ver.add_argument("image", help="linked ELF image")
+    _selection(ver, required_target=False)
+    _common(ver)
+    return parser
+
+
+def _selection(p: argparse.ArgumentParser, required_target: bool) -> None:
+    p.add_argument("--target", metavar="BACKEND", required=required_target,
+                   help="backend for every site ('generic' restores the dispatch calls)")
+    p.add_argument("--op", action="append", default=[], metavar="OP=BACKEND",
+                   help="per-op override (repeatable)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="TOML policy file: target = \"B\" and an [ops] table of OP = \"B\"")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="full command and statistics")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    try:
+        module = importlib.import_module(COMMANDS[args.command])
+        return int(module.run(args))
+    except LinkfixError as exc:
+        if debug:
+            traceback.print_exc()
+        print(exc.line(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("linkfix: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the contract: one line, exit 1
+        if debug:
+            traceback.print_exc()
+        print(f"linkfix: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
