@@ -1,0 +1,89 @@
+"""`linkfix gen-stubs SPEC -o OUTDIR`: validate an op spec and render the stubs.
+
+Everything is validated and rendered in memory first; only then is OUTDIR
+created and each file written (atomically, and only if its bytes changed), so
+a bad spec leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from linkfix import body as bodymod
+from linkfix import regcheck, render
+from linkfix.errors import BadInput
+from linkfix.fileio import write_if_changed
+from linkfix.measure import MeasureError, measure
+from linkfix.spec import Spec, load
+
+
+def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, bytes]]:
+    """Validate, measure and check the spec; return the rendered files."""
+    spec = load(spec_path)
+    arch = spec.arch
+    parsed: dict[str, dict[str, bodymod.Body]] = {}
+    items: list[tuple[tuple[str, str], bodymod.Body]] = []
+    for op in spec.ops:
+        parsed[op.name] = {}
+        for backend in op.bodies:
+            try:
+                body = bodymod.parse(arch, op, backend)
+            except bodymod.BodyError as exc:
+                raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': {exc}") from None
+            parsed[op.name][backend] = body
+            items.append(((op.name, backend), body))
+    try:
+        measured = measure(arch, items)
+    except MeasureError as exc:
+        op_name, backend = exc.key
+        raise BadInput(spec_path, f"op '{op_name}': backend '{backend}': body does not "
+                                  f"assemble for {arch.name}: {exc.message}") from None
+
+    models: list[render.OpModel] = []
+    for op in spec.ops:
+        allowed = set(bodymod.site_clobbers(arch, op))
+        for backend, body in parsed[op.name].items():
+            if body.kind != bodymod.KIND_INLINE:
+                continue
+            try:
+                bad = regcheck.check(arch, allowed, measured[(op.name, backend)].code)
+            except regcheck.DecodeError as exc:
+                raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': {exc}") from None
+            if bad:
+                regs = ", ".join(f"%{r}" for r in bad)
+                raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': body writes "
+                                          f"{regs}, not in clobbers")
+        models.append(render.build_op(
+            spec, op, parsed[op.name],
+            {b: measured[(op.name, b)] for b in parsed[op.name]}))
+    return spec, models, render.render_all(spec, models)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, models, files = generate(args.spec)
+    outdir = args.output
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise BadInput(outdir, "output exists and is not a directory")
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(outdir, f"cannot create output directory: {exc.strerror}") from None
+    written = [name for name, data in files.items()
+               if write_if_changed(os.path.join(outdir, name), data)]
+    quiet = getattr(args, "quiet", False)
+    verbose = getattr(args, "verbose", False)
+    if verbose:
+        for m in models:
+            sizes = ", ".join(f"{b}={m.measured[b].length}" for b in m.bodies)
+            clob = ",".join(m.clobbers) or "-"
+            print(f"  {m.op.name}: site {m.site_len} bytes, clobbers {clob}, bodies {sizes}")
+            for b in m.bodies:
+                note = m.measured[b].ks_note
+                if note:
+                    print(f"    {b}: {note}; GNU as assembled it", file=sys.stderr)
+    if not quiet:
+        print(f"  GEN     {outdir} ({len(spec.ops)} ops, {len(spec.backends)} backends, "
+              f"{len(written)} of {len(files)} files updated)")
+    return 0

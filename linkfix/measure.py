@@ -1,0 +1,242 @@
+"""Assemble every body: syntax errors early, exact lengths, machine code for regcheck.
+
+Two assemblers, two jobs:
+
+* keystone assembles each body in a worker process with a time limit (some
+  inputs make it hang). It is a fast, per-body syntax check. It needs symbols
+  replaced by numbers and numeric local labels renamed, and it encodes some
+  forms differently from GNU as (`%gs:sym` as RIP-relative, `mov sym, %eax` as
+  a 64-bit moffs, `mov $sym, %rax` as movabs), so its lengths are only
+  informational.
+* GNU as, the assembler that builds the kernel, assembles all bodies once
+  more, each in its own section, with the real symbols left undefined. Its
+  section sizes are the body lengths gen-stubs uses, and a body is rejected
+  only when GNU as rejects it (keystone lacks some instructions, such as
+  endbr64 and sysretq).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from linkfix.arch import Arch
+from linkfix.body import Body
+
+KS_TIMEOUT = 5.0  # seconds for one body; a well-formed body takes microseconds
+PLACEHOLDER = "0x12345678"
+MAX_BODY = 255  # the `len` field of an alternative is a u8
+
+_SYM_TOKEN = re.compile(r"(?<![%\w.])([A-Za-z_.][A-Za-z0-9_.$]*)")
+_LOCAL_REF = re.compile(r"\b(\d+)([fb])\b")
+
+
+class MeasureError(ValueError):
+    """A body GNU as rejects: `key` is (op, backend), message is the assembler's."""
+
+    def __init__(self, key: tuple[str, str], message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Measured:
+    code: bytes  # GNU as encoding; relocated fields hold the assembler's addend (or 0)
+    ks_length: int | None  # keystone's length of the placeholder form; None if it failed
+    ks_note: str | None  # why keystone failed, when it did
+
+    @property
+    def length(self) -> int:
+        return len(self.code)
+
+
+# ---------------------------------------------------------------- keystone
+
+
+def keystone_source(statements: tuple[str, ...] | list[str]) -> str:
+    """The body with symbols replaced by numbers and numeric labels named, for keystone."""
+    # Numeric local labels: keystone cannot resolve `1f`/`1b`, so give each
+    # definition a unique name and point every reference at the right one.
+    defs = [(i, st[:-1]) for i, st in enumerate(statements) if re.fullmatch(r"\d+:", st)]
+    names = {i: f"lf_l{n}" for n, (i, _) in enumerate(defs)}
+
+    def resolve(pos: int, num: str, direction: str) -> str | None:
+        if direction == "f":
+            cands = [i for i, n in defs if n == num and i > pos]
+            return names[cands[0]] if cands else None
+        cands = [i for i, n in defs if n == num and i < pos]
+        return names[cands[-1]] if cands else None
+
+    out: list[str] = []
+    for pos, st in enumerate(statements):
+        if pos in names:
+            out.append(f"{names[pos]}:")
+            continue
+        if st.startswith("."):
+            out.append(st)
+            continue
+        parts = st.split(None, 1)
+        mnemonic, operands = parts[0], (parts[1] if len(parts) > 1 else "")
+        local: dict[str, str] = {}
+
+        def ref(m: re.Match[str], pos: int = pos, local: dict[str, str] = local) -> str:
+            target = resolve(pos, m.group(1), m.group(2))
+            if target is None:
+                return m.group(0)  # undefined local label: let the assembler complain
+            key = f"LFREF{len(local)}"
+            local[key] = target
+            return key
+
+        operands = _LOCAL_REF.sub(ref, operands)
+        # A branch to a far numeric target makes keystone pick rel32, as GNU as does
+        # for an external symbol; any other symbol becomes a 32-bit number.
+        operands = _SYM_TOKEN.sub(
+            lambda m: m.group(0) if m.group(0).startswith("LFREF") else PLACEHOLDER, operands)
+        for key, target in local.items():
+            operands = operands.replace(key, target)
+        out.append(f"{mnemonic} {operands}".rstrip())
+    return "; ".join(out)
+
+
+def _ks_worker(conn, mode64: bool, texts: list[str]) -> None:  # type: ignore[no-untyped-def]
+    from keystone import KS_ARCH_X86, KS_MODE_32, KS_MODE_64, KS_OPT_SYNTAX_ATT, Ks, KsError
+
+    ks = Ks(KS_ARCH_X86, KS_MODE_64 if mode64 else KS_MODE_32)
+    ks.syntax = KS_OPT_SYNTAX_ATT
+    for i, text in enumerate(texts):
+        conn.send((i, "start", None))
+        try:
+            encoding, count = ks.asm(text, 0)
+            conn.send((i, "ok", bytes(encoding or b"")))
+        except KsError as exc:
+            conn.send((i, "err", str(exc)))
+    conn.close()
+
+
+def keystone_assemble(arch: Arch, texts: list[str],
+                      timeout: float = KS_TIMEOUT) -> list[tuple[str, bytes | str | None]]:
+    """Assemble each text with keystone in a worker process; a hang costs `timeout`.
+
+    Returns one (status, value) per text: ("ok", bytes), ("err", message) or
+    ("timeout", None).
+    """
+    results: list[tuple[str, bytes | str | None]] = []
+    ctx = multiprocessing.get_context("fork")
+    todo = list(texts)
+    while len(results) < len(texts):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_ks_worker, args=(child, arch.elf_class == 64, todo),
+                           daemon=True)
+        proc.start()
+        child.close()
+        base = len(results)
+        hung = False
+        try:
+            while len(results) < len(texts):
+                if not parent.poll(timeout):
+                    hung = True
+                    break
+                try:
+                    _, status, value = parent.recv()
+                except EOFError:
+                    hung = True  # the worker died (keystone crashed)
+                    break
+                if status != "start":
+                    results.append((status, value))
+        finally:
+            if hung or proc.is_alive():
+                proc.kill()
+            proc.join()
+            parent.close()
+        if hung:
+            results.append(("timeout", None))
+        todo = texts[len(results):]
+        if len(results) == base and not hung:
+            break
+    return results
+
+
+# ---------------------------------------------------------------- GNU as
+
+
+def _gas_source(arch: Arch, bodies: list[tuple[str, ...]]) -> tuple[str, dict[int, int]]:
+    """One assembly file, body i in section .lfb.i; returns the text and line -> body."""
+    lines = [".code64" if arch.elf_class == 64 else ".code32"]
+    owner: dict[int, int] = {}
+    for i, statements in enumerate(bodies):
+        lines.append(f'.section .lfb.{i},"ax",@progbits')
+        for st in statements:
+            lines.append(st)
+            owner[len(lines)] = i
+    lines.append("")
+    return "\n".join(lines), owner
+
+
+_GAS_MSG = re.compile(r"^[^:]*:(\d+): (Error|Fatal error): (.*)$")
+
+
+def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
+                 bodies: list[tuple[str, ...]]) -> list[bytes]:
+    """Assemble the bodies with GNU as; their code, or MeasureError for the first bad one."""
+    from elftools.elf.elffile import ELFFile
+
+    source, owner = _gas_source(arch, bodies)
+    with tempfile.TemporaryDirectory(prefix="linkfix-measure-") as tmp:
+        src = os.path.join(tmp, "bodies.s")
+        obj = os.path.join(tmp, "bodies.o")
+        with open(src, "w") as f:
+            f.write(source)
+        flag = "--64" if arch.elf_class == 64 else "--32"
+        try:
+            proc = subprocess.run(["as", flag, "-o", obj, src], capture_output=True, text=True)
+        except FileNotFoundError:
+            raise MeasureError(keys[0], "GNU as not found (install binutils)") from None
+        if proc.returncode != 0:
+            first: tuple[int, str] | None = None
+            for line in proc.stderr.splitlines():
+                m = _GAS_MSG.match(line)
+                if m and int(m.group(1)) in owner:
+                    i = owner[int(m.group(1))]
+                    if first is None or i < first[0]:
+                        first = (i, m.group(3))
+            if first is None:
+                raise MeasureError(keys[0], "GNU as failed: " + " ".join(proc.stderr.split()))
+            raise MeasureError(keys[first[0]], first[1])
+        with open(obj, "rb") as f:
+            elf = ELFFile(f)
+            out = []
+            for i in range(len(bodies)):
+                sec = elf.get_section_by_name(f".lfb.{i}")
+                out.append(sec.data() if sec is not None else b"")
+    return out
+
+
+# ---------------------------------------------------------------- both
+
+
+def measure(arch: Arch, items: list[tuple[tuple[str, str], Body]]) -> dict[tuple[str, str],
+                                                                           Measured]:
+    """Measure every body; keys are (op, backend). Raises MeasureError."""
+    texts = [keystone_source(body.statements) for _, body in items]
+    ks = keystone_assemble(arch, texts) if items else []
+    code = gas_assemble(arch, [k for k, _ in items], [b.statements for _, b in items])
+    out: dict[tuple[str, str], Measured] = {}
+    for (key, _body), (status, value), c in zip(items, ks, code, strict=True):
+        if len(c) > MAX_BODY:
+            raise MeasureError(key, f"body is {len(c)} bytes; at most {MAX_BODY} fit a site")
+        if status == "ok":
+            assert isinstance(value, bytes)
+            out[key] = Measured(code=c, ks_length=len(value), ks_note=None)
+        elif status == "timeout":
+            out[key] = Measured(code=c, ks_length=None,
+                                ks_note=f"keystone did not finish within {KS_TIMEOUT:g} s")
+        else:
+            out[key] = Measured(code=c, ks_length=None, ks_note=f"keystone: {value}")
+    return out
+
+

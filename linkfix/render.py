@@ -1,0 +1,477 @@
+"""Render the generated files from a validated, measured spec.
+
+All decisions (site length, padding bytes, registers to save, which symbol
+each ops-table entry names, the exact site assembly) are made here in Python;
+the jinja2 templates in `templates/` only lay the results out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from linkfix import layout
+from linkfix.body import KIND_CALL, KIND_EMPTY, KIND_INLINE, Body, saved_regs, site_clobbers
+from linkfix.measure import Measured
+from linkfix.padding import pad
+from linkfix.spec import IDENT, Op, Spec
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+LDSCRIPT = Path(__file__).resolve().parent.parent / "ldscripts" / "linkfix.lds"
+FORMAT_VERSION = layout.VERSION
+
+OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix.lds",
+           "linkfix.json")
+
+
+@dataclass(frozen=True)
+class Alt:
+    """Alternative k of a site record."""
+
+    k: int  # 0 generic, b = backend b
+    name: str  # "generic" or the backend
+    kind: str  # generic | inline | call | empty | jmp | none
+    statements: tuple[str, ...]  # its code in .linkfix.repl
+    flags: int
+    guard: str  # "if" (constant length), "org" (contains relaxable branches) or ""
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & layout.FLAG_PRESENT)
+
+
+@dataclass(frozen=True)
+class Thunk:
+    name: str
+    callee: str
+
+
+@dataclass(frozen=True)
+class OpModel:
+    op: Op
+    site_len: int
+    pad: bytes
+    clobbers: tuple[str, ...]  # every register the site may change
+    saved: tuple[str, ...]  # caller-saved registers the thunks preserve
+    alts: tuple[Alt, ...]
+    bodies: dict[str, Body]
+    measured: dict[str, Measured]
+    thunks: tuple[Thunk, ...]
+    table: dict[str, str]  # backend -> symbol in the ops table
+
+
+def dispatch_name(op: str) -> str:
+    return f"__lf_dispatch_{op}"
+
+
+def body_fn_name(op: str, backend: str) -> str:
+    return f"__lf_body_{op}_{backend}"
+
+
+def build_op(spec: Spec, op: Op, bodies: dict[str, Body],
+             measured: dict[str, Measured]) -> OpModel:
+    lengths = [measured[b].length for b in bodies]
+    site_len = max(5, *lengths) if lengths else 5
+    alts = [Alt(0, "generic", "generic", (f"call {dispatch_name(op.name)}",),
+                layout.FLAG_PRESENT | layout.FLAG_CALL, "")]
+    thunks: dict[str, Thunk] = {}
+    saved = saved_regs(spec.arch, op)
+    for k, backend in enumerate(spec.backends, start=1):
+        body = bodies.get(backend)
+        if body is None:
+            alts.append(Alt(k, backend, "none", (), 0, ""))
+            continue
+        flags = layout.FLAG_PRESENT
+        if body.kind == KIND_CALL:
+            flags |= layout.FLAG_CALL
+            if saved:
+                assert body.callee is not None
+                name = body.statements[0].split()[1]
+                thunks.setdefault(name, Thunk(name, body.callee))
+        if body.kind == KIND_INLINE and saved:
+            for sym in body.inner_calls:
+                name = f"__lf_thunk_{op.name}_{sym}"
+                thunks.setdefault(name, Thunk(name, sym))
+        guard = ""
+        if body.kind != KIND_EMPTY and measured[backend].length > 0:
+            guard = "org" if body.has_branches else "if"
+        alts.append(Alt(k, backend, body.kind, body.statements, flags, guard))
+
+    table: dict[str, str] = {}
+    for backend in spec.backends:
+        src = backend if backend in bodies else _fallback(spec, bodies)
+        body = bodies[src]
+        table[backend] = body.callee if body.kind == KIND_CALL and body.callee else \
+            body_fn_name(op.name, src)
+    return OpModel(op=op, site_len=site_len, pad=pad(site_len - 5),
+                   clobbers=site_clobbers(spec.arch, op), saved=saved, alts=tuple(alts),
+                   bodies=bodies, measured=measured, thunks=tuple(thunks.values()), table=table)
+
+
+def _fallback(spec: Spec, bodies: dict[str, Body]) -> str:
+    """The body an ops table uses for a backend without one: the default backend's, else
+    the first backend (spec order) that has one."""
+    if spec.default_backend in bodies:
+        return spec.default_backend
+    return next(b for b in spec.backends if b in bodies)
+
+
+# ------------------------------------------------------------------ site assembly
+
+
+def _byte_list(data: bytes) -> str:
+    return ",".join(f"0x{b:02x}" for b in data)
+
+
+def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
+    """The site, its alternatives and its record, as assembler lines.
+
+    `uid` makes labels unique per use (`%=` in C asm, `\\@` in a GAS macro);
+    `esc` escapes body text for the consumer (`%` -> `%%` in C asm).
+    """
+    op = m.op.name
+    s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
+    lines = [f"{s}:", f"\tcall {dispatch_name(op)}"]
+    if m.pad:
+        lines.append(f"\t.byte {_byte_list(m.pad)}")
+    lines += [
+        f"{e}:",
+        f"\t.if ({e} - {s}) != {m.site_len}",
+        f'\t.error "linkfix: site of op {op} is not {m.site_len} bytes"',
+        "\t.endif",
+        '\t.pushsection .linkfix.repl,"a"',
+    ]
+    for alt in m.alts:
+        if not alt.present:
+            continue
+        r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
+        lines.append(f"{r}:")
+        lines += [st if _is_label(st) else f"\t{esc(st)}" for st in alt.statements]
+        lines.append(f"{q}:")
+        if alt.guard == "if":
+            lines += [
+                f"\t.if ({q} - {r}) > {m.site_len}",
+                f'\t.error "linkfix: op {op} backend {alt.name} body longer than its site"',
+                "\t.endif",
+            ]
+        elif alt.guard == "org":
+            # A body with branches has no length GAS knows at .if time; .org
+            # backwards is an error GAS reports once the branches are relaxed.
+            lines.append(f"\t.org {q} + (({q} - {r}) > {m.site_len})")
+    lines.append("\t.popsection")
+    lines += _record_lines(uid, m.op.index, m.site_len, layout.KIND_OP, m.alts)
+    return lines
+
+
+def branch_site_lines(spec: Spec, b: int) -> list[str]:
+    """A `linkfix_backend_is(<backend b>)` site for C asm goto (labels yes / generic)."""
+    uid = "%="
+    s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
+    alts = [Alt(0, "generic", "jmp", (), layout.FLAG_PRESENT | layout.FLAG_JMP, "")]
+    for k, name in enumerate(spec.backends, start=1):
+        flags = layout.FLAG_PRESENT | (layout.FLAG_JMP if k == b else 0)
+        alts.append(Alt(k, name, "jmp" if k == b else "empty", (), flags, ""))
+    lines = [
+        f"{s}:",
+        # Force rel32: GAS would relax a `jmp` to a near label to 2 bytes.
+        "\t.byte 0xe9",
+        f"\t.long %l[__lf_generic] - {e}",
+        f"{e}:",
+        '\t.pushsection .linkfix.repl,"a"',
+    ]
+    for alt in alts:
+        r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
+        lines.append(f"{r}:")
+        if alt.kind == "jmp":
+            target = "__lf_generic" if alt.k == 0 else "__lf_yes"
+            lines += ["\t.byte 0xe9", f"\t.long %l[{target}] - {q}"]
+        lines.append(f"{q}:")
+    lines.append("\t.popsection")
+    op_index = len(spec.ops) + b - 1
+    lines += _record_lines(uid, op_index, 5, layout.KIND_BRANCH, tuple(alts))
+    return lines
+
+
+def _record_lines(uid: str, op_index: int, site_len: int, kind: int,
+                  alts: tuple[Alt, ...] | list[Alt]) -> list[str]:
+    lines = [
+        '\t.pushsection .linkfix.sites,"a"',
+        "\t.balign 4",
+        f"\t.long .Llf_s_{uid} - .",
+        f"\t.short {op_index}",
+        f"\t.byte {site_len}, {kind}",
+    ]
+    for alt in alts:
+        if alt.present:
+            r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
+            lines += [f"\t.long {r} - .", f"\t.byte {q} - {r}, {alt.flags}", "\t.short 0"]
+        else:
+            lines += ["\t.long 0", "\t.byte 0, 0", "\t.short 0"]
+    lines.append("\t.popsection")
+    return lines
+
+
+def _is_label(statement: str) -> bool:
+    return statement.endswith(":") and statement[:-1].isdigit()
+
+
+def c_asm_escape(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def c_string(line: str) -> str:
+    """One assembler line as a C string literal, newline included."""
+    body = line.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
+    return f'"{body}\\n"'
+
+
+# ------------------------------------------------------------------ C functions
+
+
+@dataclass(frozen=True)
+class CFunction:
+    """What the C template needs for one op's static inline."""
+
+    name: str
+    ret: str  # "void" or the C type
+    params: str  # "void" or "unsigned long val, pte_t *ptep"
+    temps: tuple[str, ...]  # declarations: "unsigned long __lf_a0 = (unsigned long)(val);"
+    outputs: str
+    inputs: str
+    clobbers: str
+    asm: tuple[str, ...]  # C string literals
+    result: str | None  # the temporary holding the result
+
+
+def c_function(spec: Spec, m: OpModel) -> CFunction:
+    arch = spec.arch
+    op = m.op
+    temps: list[str] = []
+    outs: list[str] = []
+    ins: list[str] = []
+    result: str | None = None
+    arg_regs = arch.arg_regs[: len(op.args)]
+    for i, (arg, reg) in enumerate(zip(op.args, arg_regs, strict=True)):
+        var = f"__lf_a{i}"
+        temps.append(f"unsigned long {var} = (unsigned long)({arg.name});")
+        con = arch.asm_constraints[reg]
+        if reg in m.clobbers:
+            # GCC refuses a clobber that is also an input: make it an in/out operand.
+            outs.append(f'"+{con}" ({var})')
+            if op.returns is not None and reg == arch.ret_reg:
+                result = var
+        else:
+            ins.append(f'"{con}" ({var})')
+    clobber_regs = [r for r in m.clobbers if r not in arg_regs]
+    if op.returns is not None and result is None:
+        result = "__lf_ret"
+        temps.append("unsigned long __lf_ret;")
+        outs.insert(0, f'"=a" ({result})')
+        clobber_regs = [r for r in clobber_regs if r != arch.ret_reg]
+    clobbers = ", ".join([*(f'"{r}"' for r in clobber_regs), '"memory"', '"cc"'])
+    lines = op_site_lines(m, "%=", c_asm_escape)
+    return CFunction(
+        name=op.name,
+        ret=op.returns or "void",
+        params=_params(op),
+        temps=tuple(temps),
+        outputs=", ".join(outs),
+        inputs=", ".join(ins),
+        clobbers=clobbers,
+        asm=tuple(c_string(line) for line in lines),
+        result=result,
+    )
+
+
+def _params(op: Op) -> str:
+    if not op.args:
+        return "void"
+    return ", ".join(_decl(a.ctype, a.name) for a in op.args)
+
+
+def _decl(ctype: str, name: str) -> str:
+    return f"{ctype}{name}" if ctype.endswith("*") else f"{ctype} {name}"
+
+
+@dataclass(frozen=True)
+class Prototype:
+    ret: str
+    name: str
+    params: str
+
+
+def prototypes(spec: Spec, models: list[OpModel]) -> list[Prototype]:
+    """Prototypes of the C functions that whole-call bodies name (C identifiers only)."""
+    seen: dict[str, Prototype] = {}
+    for m in models:
+        for body in m.bodies.values():
+            if body.kind == KIND_CALL and body.callee and IDENT.match(body.callee):
+                seen.setdefault(body.callee,
+                                Prototype(m.op.returns or "void", body.callee, _params(m.op)))
+    return list(seen.values())
+
+
+# ------------------------------------------------------------------ assembler side
+
+
+@dataclass(frozen=True)
+class AsmFunction:
+    name: str
+    lines: tuple[str, ...]
+
+
+def _push_pop(arch_word: int, regs: tuple[str, ...], middle: list[str]) -> list[str]:
+    return [*(f"\tpush %{r}" for r in regs), *middle,
+            *(f"\tpop %{r}" for r in reversed(regs)), "\tret"]
+
+
+def thunk_functions(spec: Spec, models: list[OpModel]) -> list[AsmFunction]:
+    word = spec.arch.word
+    rip = "(%rip)" if word == 8 else ""
+    out: list[AsmFunction] = []
+    for m in models:
+        call = f"\tcall *linkfix_ops+{word * m.op.index}{rip}"
+        out.append(AsmFunction(dispatch_name(m.op.name), tuple(_push_pop(word, m.saved, [call]))))
+        for t in m.thunks:
+            out.append(AsmFunction(t.name, tuple(_push_pop(word, m.saved, [f"\tcall {t.callee}"]))))
+    return out
+
+
+def body_functions(models: list[OpModel]) -> list[AsmFunction]:
+    out: list[AsmFunction] = []
+    for m in models:
+        for backend, body in m.bodies.items():
+            if body.kind == KIND_CALL:
+                continue
+            lines = [st if _is_label(st) else f"\t{st}" for st in body.statements]
+            out.append(AsmFunction(body_fn_name(m.op.name, backend), (*lines, "\tret")))
+    return out
+
+
+def gas_macro_lines(spec: Spec, m: OpModel) -> list[str]:
+    checks = [f"\tLINKFIX__need {r}, {m.op.name}, \\clobbers" for r in m.clobbers]
+    return checks + op_site_lines(m, "\\@", lambda s: s)
+
+
+# ------------------------------------------------------------------ meta, manifest
+
+
+def meta_bytes(spec: Spec) -> bytes:
+    ops = tuple(op.name for op in spec.ops) + tuple(
+        layout.branch_op_name(b) for b in spec.backends)
+    return layout.Meta(machine=spec.arch.e_machine, backends=spec.backends, ops=ops,
+                       spec_hash=spec.spec_hash()).encode()
+
+
+def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-arg]
+    ops = []
+    for m in models:
+        bodies = {}
+        for backend, body in m.bodies.items():
+            meas = m.measured[backend]
+            bodies[backend] = {"kind": body.kind, "text": body.text, "source": body.source,
+                               "length": meas.length}
+            if body.callee:
+                bodies[backend]["callee"] = body.callee
+        ops.append({
+            "name": m.op.name,
+            "index": m.op.index,
+            "args": [{"type": a.ctype, "name": a.name, "reg": r}
+                     for a, r in zip(m.op.args, spec.arch.arg_regs, strict=False)],
+            "returns": m.op.returns,
+            "clobbers": list(m.clobbers),
+            "declared_clobbers": list(m.op.clobbers),
+            "saved_by_thunks": list(m.saved),
+            "site_size": m.site_len,
+            "bodies": bodies,
+            "ops_table": m.table,
+        })
+    n = len(spec.ops)
+    branches = [{"name": layout.branch_op_name(b), "index": n + k - 1, "backend": b,
+                 "site_size": 5, "c_usage": f"linkfix_backend_is({b})"}
+                for k, b in enumerate(spec.backends, start=1)]
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": spec.arch.name,
+        "machine": spec.arch.e_machine,
+        "backends": list(spec.backends),
+        "default_backend": spec.default_backend,
+        "spec_hash": f"0x{spec.spec_hash():08x}",
+        "site_rec_size": layout.site_rec_size(len(spec.backends)),
+        "ops": ops,
+        "branch_ops": branches,
+    }
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _env():  # type: ignore[no-untyped-def]
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
+    """Every output file's bytes, keyed by file name."""
+    env = _env()
+    arch = spec.arch
+    ctx = {
+        "spec": spec,
+        "spec_name": Path(spec.path).name,
+        "spec_hash": f"0x{spec.spec_hash():08x}",
+        "arch": arch,
+        "backends": [(k, b, b.upper()) for k, b in enumerate(spec.backends, start=1)],
+        "default_index": spec.backend_index(spec.default_backend),
+        "n_ops": len(spec.ops),
+        "models": models,
+        "functions": [c_function(spec, m) for m in models],
+        "prototypes": prototypes(spec, models),
+        "regparm": arch.elf_class == 32,
+        "branches": [(k, b, b.upper(), [c_string(x) for x in branch_site_lines(spec, k)])
+                     for k, b in enumerate(spec.backends, start=1)],
+        "thunks": thunk_functions(spec, models),
+        "body_functions": body_functions(models),
+        "meta": _byte_rows(meta_bytes(spec)),
+        "macros": [(m.op.name, gas_macro_lines(spec, m)) for m in models],
+        "table_symbols": _table_symbols(spec, models),
+    }
+    out: dict[str, bytes] = {}
+    for name in ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c"):
+        out[name] = env.get_template(name + ".j2").render(ctx).encode()
+    out["linkfix.lds"] = LDSCRIPT.read_bytes()
+    out["linkfix.json"] = (json.dumps(manifest(spec, models), indent=2) + "\n").encode()
+    return out
+
+
+def _byte_rows(data: bytes, width: int = 12) -> list[str]:
+    return [_byte_list(data[i:i + width]) for i in range(0, len(data), width)]
+
+
+@dataclass(frozen=True)
+class TableSymbol:
+    c_name: str  # the C identifier ops.c uses
+    asm_name: str  # the link-time symbol
+
+
+def _table_symbols(spec: Spec, models: list[OpModel]) -> dict[str, object]:
+    """Symbols the ops tables name, declared in linkfix_ops.c through asm labels (a
+    callee may be any assembler symbol, not only a C identifier)."""
+    names: dict[str, TableSymbol] = {}
+    rows: dict[str, list[str]] = {b: [] for b in spec.backends}
+    for m in models:
+        for backend in spec.backends:
+            sym = m.table[backend]
+            ts = names.setdefault(sym, TableSymbol(f"__lf_ref{len(names)}", sym))
+            rows[backend].append(ts.c_name)
+    return {"symbols": list(names.values()), "rows": rows,
+            "default": rows[spec.default_backend]}

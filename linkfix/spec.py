@@ -1,0 +1,403 @@
+"""The op spec: load a TOML file and validate it into dataclasses.
+
+Every problem is reported as one `BadInput` line naming the spec file, the op
+and the field, so a kernel build stops with a message a person can act on.
+The schema is documented in docs/SPEC.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from linkfix.arch import ARCHES, Arch
+from linkfix.errors import BadInput
+
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes")
+OP_FIELDS = ("args", "returns", "clobbers", "bodies")
+
+# C integer types passed by value, with their size in bytes (None: the word size).
+# Named typedefs (u64, pteval_t, ...) are not accepted by value because their
+# size cannot be checked here; pointers to any type are fine.
+_SCALARS: dict[str, int | None] = {
+    "_Bool": 1,
+    "char": 1, "signed char": 1, "unsigned char": 1,
+    "short": 2, "short int": 2, "signed short": 2, "signed short int": 2,
+    "unsigned short": 2, "unsigned short int": 2,
+    "int": 4, "signed": 4, "signed int": 4, "unsigned": 4, "unsigned int": 4,
+    "long": None, "long int": None, "signed long": None, "signed long int": None,
+    "unsigned long": None, "unsigned long int": None,
+    "long long": 8, "long long int": 8, "signed long long": 8,
+    "unsigned long long": 8, "unsigned long long int": 8,
+}
+_QUALIFIERS = ("const", "volatile")
+_C_KEYWORDS = frozenset(
+    "auto break case char const continue default do double else enum extern float for goto "
+    "if inline int long register restrict return short signed sizeof static struct switch "
+    "typedef union unsigned void volatile while _Bool asm".split()
+)
+
+
+@dataclass(frozen=True)
+class Arg:
+    ctype: str  # as written, normalised spacing: "unsigned long", "pte_t *"
+    name: str
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    index: int
+    args: tuple[Arg, ...]
+    returns: str | None  # C type, None for void
+    clobbers: tuple[str, ...]  # declared extra registers, full-width names, spec order
+    bodies: dict[str, str] = field(hash=False)  # backend -> body text as written
+
+    def signature_key(self) -> tuple[str | None, tuple[str, ...]]:
+        return self.returns, tuple(a.ctype for a in self.args)
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: str
+    arch: Arch
+    backends: tuple[str, ...]
+    default_backend: str
+    includes: tuple[str, ...]
+    ops: tuple[Op, ...]
+
+    def backend_index(self, name: str) -> int:
+        """1-based index of a backend (0 is the generic alternative)."""
+        return self.backends.index(name) + 1
+
+    def canonical(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.name,
+            "backends": list(self.backends),
+            "default_backend": self.default_backend,
+            "includes": list(self.includes),
+            "ops": [
+                {
+                    "name": op.name,
+                    "args": [f"{a.ctype} {a.name}" for a in op.args],
+                    "returns": op.returns,
+                    "clobbers": list(op.clobbers),
+                    "bodies": {b: op.bodies[b] for b in self.backends if b in op.bodies},
+                }
+                for op in self.ops
+            ],
+        }
+
+    def spec_hash(self) -> int:
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return zlib.crc32(text.encode())
+
+
+class _Checker:
+    """Raises BadInput for the spec at `path`, with op/field context."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, message: str, op: str | None = None, fld: str | None = None) -> BadInput:
+        parts = []
+        if op is not None:
+            parts.append(f"op '{op}'")
+        if fld is not None:
+            parts.append(f"field '{fld}'")
+        parts.append(message)
+        return BadInput(self.path, ": ".join(parts))
+
+
+def load(path: str) -> Spec:
+    """Read and validate the spec at `path`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise BadInput(path, "spec file not found") from None
+    except IsADirectoryError:
+        raise BadInput(path, "spec is a directory, not a file") from None
+    except OSError as exc:
+        raise BadInput(path, f"cannot read spec: {exc.strerror}") from None
+    return loads(raw, path)
+
+
+def loads(raw: bytes | str, path: str) -> Spec:
+    """Validate spec text; `path` names it in errors."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadInput(path, f"spec is not UTF-8 (byte {exc.start})") from None
+    else:
+        text = raw
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, str(exc)) from None
+    return validate(data, path)
+
+
+_DUP_TABLE = re.compile(r"Cannot declare \(([^)]*)\) twice \(at line (\d+)")
+
+
+def _toml_error(path: str, message: str) -> BadInput:
+    """Turn tomllib's message into one a spec author recognises."""
+    dup = _DUP_TABLE.match(message)
+    if dup:
+        keys = [k.strip().strip("'\"") for k in dup.group(1).split(",") if k.strip()]
+        line = dup.group(2)
+        if len(keys) >= 2 and keys[0] == "ops":
+            where = f"op '{keys[1]}': "
+            if len(keys) > 2:
+                where += f"field '{'.'.join(keys[2:])}': "
+            return BadInput(path, f"{where}declared twice (second [{'.'.join(keys)}] "
+                                  f"table at line {line})")
+        return BadInput(path, f"table [{'.'.join(keys)}] declared twice (line {line})")
+    if message.startswith("Cannot overwrite a value"):
+        return BadInput(path, f"TOML syntax error: a key is given twice "
+                              f"({message.split('(', 1)[-1].rstrip(')')})")
+    return BadInput(path, f"TOML syntax error: {message}")
+
+
+def validate(data: dict[str, Any], path: str) -> Spec:
+    ck = _Checker(path)
+    for key in data:
+        if key not in ("linkfix", "ops"):
+            raise ck.fail(f"unknown top-level table or key '{key}' (expected [linkfix] and "
+                          f"[ops.<name>])")
+    head = data.get("linkfix")
+    if not isinstance(head, dict):
+        raise ck.fail("missing [linkfix] table (arch, backends)")
+    for key in head:
+        if key not in LINKFIX_FIELDS:
+            raise ck.fail(f"unknown field (expected one of: {', '.join(LINKFIX_FIELDS)})",
+                          fld=f"linkfix.{key}")
+
+    arch_name = head.get("arch")
+    if arch_name is None:
+        raise ck.fail("missing (x86_64 or i386)", fld="linkfix.arch")
+    if not isinstance(arch_name, str) or arch_name not in ARCHES:
+        raise ck.fail(f"unknown arch {arch_name!r} (expected one of: {', '.join(ARCHES)})",
+                      fld="linkfix.arch")
+    arch = ARCHES[arch_name]
+
+    backends = _backends(ck, head.get("backends"))
+    default = head.get("default_backend", backends[0])
+    if not isinstance(default, str) or default not in backends:
+        raise ck.fail(f"{default!r} is not one of the backends ({', '.join(backends)})",
+                      fld="linkfix.default_backend")
+    includes = head.get("includes", [])
+    if not isinstance(includes, list) or not all(
+        isinstance(i, str) and i and '"' not in i and "\n" not in i for i in includes
+    ):
+        raise ck.fail("must be a list of header names", fld="linkfix.includes")
+
+    ops_table = data.get("ops")
+    if ops_table is None or not isinstance(ops_table, dict) or not ops_table:
+        raise ck.fail("no ops: add at least one [ops.<name>] table")
+    if len(ops_table) + len(backends) > 0xFFFF:
+        raise ck.fail("too many ops for the 16-bit op index")
+    ops = tuple(
+        _op(ck, arch, backends, name, body, index)
+        for index, (name, body) in enumerate(ops_table.items())
+    )
+    _check_call_targets(ck, ops, backends)
+    return Spec(path=path, arch=arch, backends=backends, default_backend=default,
+                includes=tuple(includes), ops=ops)
+
+
+def _backends(ck: _Checker, value: Any) -> tuple[str, ...]:
+    fld = "linkfix.backends"
+    if value is None:
+        raise ck.fail("missing (a list of backend names)", fld=fld)
+    if not isinstance(value, list) or not value:
+        raise ck.fail("must be a non-empty list of backend names", fld=fld)
+    if len(value) > 254:
+        raise ck.fail("more than 254 backends", fld=fld)
+    seen: set[str] = set()
+    for b in value:
+        if not isinstance(b, str) or not IDENT.match(b):
+            raise ck.fail(f"backend name {b!r} is not a C identifier", fld=fld)
+        if b.lower() == "generic":
+            raise ck.fail("'generic' is reserved for the dispatch alternative", fld=fld)
+        if b.lower() in seen:
+            raise ck.fail(f"backend '{b}' listed twice (names are compared ignoring case)",
+                          fld=fld)
+        seen.add(b.lower())
+    return tuple(value)
+
+
+def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: Any,
+        index: int) -> Op:
+    if not IDENT.match(name) or name in _C_KEYWORDS:
+        raise ck.fail("op name is not a C identifier", op=name)
+    if name.startswith(("linkfix_", "__lf_", "LINKFIX")):
+        raise ck.fail("op names starting with linkfix_, LINKFIX or __lf_ are reserved", op=name)
+    if not isinstance(table, dict):
+        raise ck.fail("must be a table ([ops.<name>])", op=name)
+    for key in table:
+        if key not in OP_FIELDS:
+            raise ck.fail(f"unknown field (expected one of: {', '.join(OP_FIELDS)})",
+                          op=name, fld=key)
+
+    args = _args(ck, arch, name, table.get("args", []))
+    returns = table.get("returns")
+    if returns is not None:
+        if not isinstance(returns, str):
+            raise ck.fail("must be a C type string", op=name, fld="returns")
+        returns = _ctype(ck, arch, name, "returns", returns)
+        if returns == "void":
+            returns = None
+
+    clobbers = _clobbers(ck, arch, name, table.get("clobbers", []))
+
+    bodies = table.get("bodies")
+    if bodies is None:
+        raise ck.fail("missing: give at least one backend's body", op=name, fld="bodies")
+    if not isinstance(bodies, dict):
+        raise ck.fail("must be a table of backend = \"body\"", op=name, fld="bodies")
+    for b, text in bodies.items():
+        if b not in backends:
+            raise ck.fail(f"unknown backend '{b}' (backends: {', '.join(backends)})",
+                          op=name, fld=f"bodies.{b}")
+        if not isinstance(text, str):
+            raise ck.fail("body must be a string of AT&T assembly", op=name,
+                          fld=f"bodies.{b}")
+    if not bodies:
+        raise ck.fail("no body for any backend", op=name, fld="bodies")
+    ordered = {b: bodies[b] for b in backends if b in bodies}
+    return Op(name=name, index=index, args=args, returns=returns, clobbers=clobbers,
+              bodies=ordered)
+
+
+def _args(ck: _Checker, arch: Arch, op: str, value: Any) -> tuple[Arg, ...]:
+    if not isinstance(value, list):
+        raise ck.fail("must be a list of \"<C type> <name>\" strings", op=op, fld="args")
+    if len(value) > len(arch.arg_regs):
+        raise ck.fail(f"too many arguments: {len(value)} given, {arch.name} passes at most "
+                      f"{len(arch.arg_regs)} in registers ({', '.join(arch.arg_regs)})",
+                      op=op, fld="args")
+    out: list[Arg] = []
+    for decl in value:
+        if not isinstance(decl, str):
+            raise ck.fail(f"{decl!r} is not a \"<C type> <name>\" string", op=op, fld="args")
+        m = re.fullmatch(r"\s*(.*?[\s*])\s*([A-Za-z_][A-Za-z0-9_]*)\s*", decl)
+        if not m or not m.group(1).strip():
+            raise ck.fail(f"'{decl}' is not \"<C type> <name>\"", op=op, fld="args")
+        pname = m.group(2)
+        if pname in _C_KEYWORDS or pname.startswith("__lf_"):
+            raise ck.fail(f"'{decl}': '{pname}' cannot be a parameter name", op=op, fld="args")
+        if any(a.name == pname for a in out):
+            raise ck.fail(f"parameter '{pname}' given twice", op=op, fld="args")
+        ctype = _ctype(ck, arch, op, "args", m.group(1), whole=decl)
+        if ctype == "void":
+            raise ck.fail(f"'{decl}': a parameter cannot be void", op=op, fld="args")
+        out.append(Arg(ctype=ctype, name=pname))
+    return tuple(out)
+
+
+def _ctype(ck: _Checker, arch: Arch, op: str, fld: str, text: str,
+           whole: str | None = None) -> str:
+    """Normalise a C type and check that it travels in one general-purpose register."""
+    shown = whole if whole is not None else text
+    spaced = re.sub(r"\s*\*\s*", " * ", text).split()
+    if not spaced:
+        raise ck.fail(f"'{shown}': missing type", op=op, fld=fld)
+    for tok in spaced:
+        if tok != "*" and not IDENT.match(tok):
+            raise ck.fail(f"'{shown}': '{tok}' is not part of a C type", op=op, fld=fld)
+    if "*" in spaced:
+        first = spaced.index("*")
+        base = [t for t in spaced[:first] if t not in _QUALIFIERS]
+        if not base:
+            raise ck.fail(f"'{shown}': pointer to nothing", op=op, fld=fld)
+        if any(t != "*" and t not in _QUALIFIERS for t in spaced[first:]):
+            raise ck.fail(f"'{shown}': not a plain pointer type", op=op, fld=fld)
+        if base[0] in ("struct", "union", "enum"):
+            if len(base) != 2 or base[1] in _C_KEYWORDS:
+                raise ck.fail(f"'{shown}': malformed {base[0]} type", op=op, fld=fld)
+        elif len(base) > 1 and " ".join(base) not in _SCALARS:
+            raise ck.fail(f"'{shown}': unknown type '{' '.join(base)}'", op=op, fld=fld)
+        return _join_type(spaced)
+    plain = [t for t in spaced if t not in _QUALIFIERS]
+    name = " ".join(plain)
+    if name == "void":
+        return "void"
+    if name not in _SCALARS:
+        raise ck.fail(
+            f"'{shown}': type '{name}' cannot be passed in a register (integer types "
+            f"such as 'unsigned long' or pointers only; typedef names only behind '*')",
+            op=op, fld=fld)
+    size = _SCALARS[name] or arch.word
+    if size > arch.word:
+        raise ck.fail(f"'{shown}': type '{name}' is wider than a {arch.name} register",
+                      op=op, fld=fld)
+    return _join_type(spaced)
+
+
+def _join_type(tokens: list[str]) -> str:
+    out = ""
+    for tok in tokens:
+        if tok == "*":
+            out = out.rstrip() + (" *" if not out.endswith("*") else "*")
+        else:
+            out += ("" if not out or out.endswith(" ") else " ") + tok
+    return out.strip()
+
+
+def _clobbers(ck: _Checker, arch: Arch, op: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ck.fail("must be a list of register names", op=op, fld="clobbers")
+    stack_regs = (arch.gprs[6], arch.gprs[7])  # rbp/rsp, ebp/esp
+    out: list[str] = []
+    for reg in value:
+        if not isinstance(reg, str):
+            raise ck.fail(f"{reg!r} is not a register name", op=op, fld="clobbers")
+        r = reg.removeprefix("%")
+        if r in stack_regs:
+            raise ck.fail(f"'{reg}': the stack and frame pointers cannot be clobbered",
+                          op=op, fld="clobbers")
+        if r not in arch.gprs:
+            raise ck.fail(f"'{reg}' is not a {arch.name} general-purpose register "
+                          f"({', '.join(g for g in arch.gprs if g not in stack_regs)})",
+                          op=op, fld="clobbers")
+        if r in out:
+            raise ck.fail(f"'{reg}' listed twice", op=op, fld="clobbers")
+        out.append(r)
+    return tuple(out)
+
+
+_CALL_BODY = re.compile(r"\s*call[lq]?\s+([A-Za-z_.][A-Za-z0-9_.$]*)\s*;?\s*\Z")
+
+
+def whole_call_target(text: str) -> str | None:
+    """The function of a body that is exactly one direct call, else None."""
+    m = _CALL_BODY.match(text)
+    return m.group(1) if m else None
+
+
+def _check_call_targets(ck: _Checker, ops: tuple[Op, ...], backends: tuple[str, ...]) -> None:
+    """A C function named by whole-call bodies gets one prototype: signatures must agree."""
+    seen: dict[str, Op] = {}
+    op_names = {op.name for op in ops}
+    for op in ops:
+        for b, text in op.bodies.items():
+            fn = whole_call_target(text)
+            if fn is None:
+                continue
+            if fn in op_names:
+                raise ck.fail(f"body calls '{fn}', which is an op (a site, not a function)",
+                              op=op.name, fld=f"bodies.{b}")
+            first = seen.setdefault(fn, op)
+            if first.signature_key() != op.signature_key():
+                raise ck.fail(
+                    f"'{fn}' is also the body of op '{first.name}' with a different "
+                    f"signature (its prototype would conflict)", op=op.name, fld=f"bodies.{b}")
