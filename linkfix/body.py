@@ -8,6 +8,7 @@ checking and rendering all see the same code.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from linkfix.arch import Arch
@@ -84,6 +85,50 @@ def split_statements(text: str) -> list[str]:
     return out
 
 
+_LOCAL_REF = re.compile(r"\b(\d+)([fb])\b")
+
+
+def rename_labels(statements: tuple[str, ...] | list[str],
+                  name: Callable[[int], str]) -> list[str]:
+    """Give each numeric local label definition the name `name(n)` (n = its ordinal) and
+    point every `Nf`/`Nb` reference at the definition it means.
+
+    A body's `1:` must not capture a `1f` of the code around the site (numeric
+    labels are file-wide in GAS, across sections), and keystone has no numeric
+    labels at all. Raises BodyError for a reference with no definition.
+    """
+    defs = [(i, st[:-1]) for i, st in enumerate(statements) if _NUM_LABEL_DEF.fullmatch(st)]
+    names = {i: name(n) for n, (i, _) in enumerate(defs)}
+
+    def resolve(pos: int, num: str, direction: str) -> str:
+        if direction == "f":
+            cands = [i for i, n in defs if n == num and i > pos]
+        else:
+            cands = [i for i, n in defs if n == num and i < pos][-1:]
+        if not cands:
+            raise BodyError(f"local label '{num}{direction}' has no '{num}:' "
+                            f"{'after' if direction == 'f' else 'before'} it in the body")
+        return names[cands[0]]
+
+    out: list[str] = []
+    for pos, st in enumerate(statements):
+        if pos in names:
+            out.append(f"{names[pos]}:")
+            continue
+        parts = st.split(None, 1)
+        if len(parts) == 1 or st.startswith("."):
+            out.append(st)
+            continue
+        operands = _LOCAL_REF.sub(lambda m, pos=pos: resolve(pos, m.group(1), m.group(2)),
+                                  parts[1])
+        out.append(f"{parts[0]} {operands}")
+    return out
+
+
+def is_label(statement: str) -> bool:
+    return statement.endswith(":") and " " not in statement
+
+
 def is_branch(statement: str) -> bool:
     mnemonic = statement.split(None, 1)[0].lower()
     return mnemonic.startswith(("j", "loop")) or mnemonic == "xbegin"
@@ -130,6 +175,7 @@ def parse(arch: Arch, op: Op, backend: str) -> Body:
             rewritten.append(f"call {sym if direct else thunk_name(op.name, sym)}")
             continue
         rewritten.append(st)
+    rename_labels(rewritten, lambda n: f"L{n}")  # every local reference resolves
     clash = [s for s in inner
              if s in op.bodies and whole_call_target(op.bodies[s]) not in (None, s)]
     if clash:

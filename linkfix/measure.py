@@ -25,14 +25,13 @@ import tempfile
 from dataclasses import dataclass
 
 from linkfix.arch import Arch
-from linkfix.body import Body
+from linkfix.body import Body, is_label, rename_labels
 
 KS_TIMEOUT = 5.0  # seconds for one body; a well-formed body takes microseconds
 PLACEHOLDER = "0x12345678"
 MAX_BODY = 255  # the `len` field of an alternative is a u8
 
 _SYM_TOKEN = re.compile(r"(?<![%\w.])([A-Za-z_.][A-Za-z0-9_.$]*)")
-_LOCAL_REF = re.compile(r"\b(\d+)([fb])\b")
 
 
 class MeasureError(ValueError):
@@ -60,45 +59,17 @@ class Measured:
 
 def keystone_source(statements: tuple[str, ...] | list[str]) -> str:
     """The body with symbols replaced by numbers and numeric labels named, for keystone."""
-    # Numeric local labels: keystone cannot resolve `1f`/`1b`, so give each
-    # definition a unique name and point every reference at the right one.
-    defs = [(i, st[:-1]) for i, st in enumerate(statements) if re.fullmatch(r"\d+:", st)]
-    names = {i: f"lf_l{n}" for n, (i, _) in enumerate(defs)}
-
-    def resolve(pos: int, num: str, direction: str) -> str | None:
-        if direction == "f":
-            cands = [i for i, n in defs if n == num and i > pos]
-            return names[cands[0]] if cands else None
-        cands = [i for i, n in defs if n == num and i < pos]
-        return names[cands[-1]] if cands else None
-
     out: list[str] = []
-    for pos, st in enumerate(statements):
-        if pos in names:
-            out.append(f"{names[pos]}:")
-            continue
-        if st.startswith("."):
+    for st in rename_labels(statements, lambda n: f"lf_l{n}"):
+        if is_label(st) or st.startswith("."):
             out.append(st)
             continue
         parts = st.split(None, 1)
         mnemonic, operands = parts[0], (parts[1] if len(parts) > 1 else "")
-        local: dict[str, str] = {}
-
-        def ref(m: re.Match[str], pos: int = pos, local: dict[str, str] = local) -> str:
-            target = resolve(pos, m.group(1), m.group(2))
-            if target is None:
-                return m.group(0)  # undefined local label: let the assembler complain
-            key = f"LFREF{len(local)}"
-            local[key] = target
-            return key
-
-        operands = _LOCAL_REF.sub(ref, operands)
         # A branch to a far numeric target makes keystone pick rel32, as GNU as does
         # for an external symbol; any other symbol becomes a 32-bit number.
         operands = _SYM_TOKEN.sub(
-            lambda m: m.group(0) if m.group(0).startswith("LFREF") else PLACEHOLDER, operands)
-        for key, target in local.items():
-            operands = operands.replace(key, target)
+            lambda m: m.group(0) if m.group(0).startswith("lf_l") else PLACEHOLDER, operands)
         out.append(f"{mnemonic} {operands}".rstrip())
     return "; ".join(out)
 
@@ -203,7 +174,7 @@ def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
                 if m and int(m.group(1)) in owner:
                     i = owner[int(m.group(1))]
                     if first is None or i < first[0]:
-                        first = (i, m.group(3))
+                        first = (i, m.group(3).rstrip("."))
             if first is None:
                 raise MeasureError(keys[0], "GNU as failed: " + " ".join(proc.stderr.split()))
             raise MeasureError(keys[first[0]], first[1])

@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from linkfix import layout
-from linkfix.body import KIND_CALL, KIND_EMPTY, KIND_INLINE, Body, saved_regs, site_clobbers
+from linkfix.body import (
+    KIND_CALL,
+    KIND_EMPTY,
+    KIND_INLINE,
+    Body,
+    is_label,
+    rename_labels,
+    saved_regs,
+    site_clobbers,
+)
 from linkfix.measure import Measured
 from linkfix.padding import pad
 from linkfix.spec import IDENT, Op, Spec
@@ -148,7 +157,10 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
             continue
         r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
         lines.append(f"{r}:")
-        lines += [st if _is_label(st) else f"\t{esc(st)}" for st in alt.statements]
+        # Escape the body first: the label names carry `uid` (`%=`), which must not be.
+        code = rename_labels([esc(st) for st in alt.statements],
+                             lambda n, k=alt.k: f".Llf_l{k}_{n}_{uid}")
+        lines += [st if is_label(st) else f"\t{st}" for st in code]
         lines.append(f"{q}:")
         if alt.guard == "if":
             lines += [
@@ -211,10 +223,6 @@ def _record_lines(uid: str, op_index: int, site_len: int, kind: int,
             lines += ["\t.long 0", "\t.byte 0, 0", "\t.short 0"]
     lines.append("\t.popsection")
     return lines
-
-
-def _is_label(statement: str) -> bool:
-    return statement.endswith(":") and statement[:-1].isdigit()
 
 
 def c_asm_escape(text: str) -> str:
@@ -345,7 +353,9 @@ def body_functions(models: list[OpModel]) -> list[AsmFunction]:
         for backend, body in m.bodies.items():
             if body.kind == KIND_CALL:
                 continue
-            lines = [st if _is_label(st) else f"\t{st}" for st in body.statements]
+            fn = body_fn_name(m.op.name, backend)
+            code = rename_labels(body.statements, lambda n, fn=fn: f".L{fn}_{n}")
+            lines = [st if is_label(st) else f"\t{st}" for st in code]
             out.append(AsmFunction(body_fn_name(m.op.name, backend), (*lines, "\tret")))
     return out
 
