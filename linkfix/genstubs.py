@@ -74,15 +74,18 @@ def run(args: argparse.Namespace) -> int:
                if write_if_changed(os.path.join(outdir, name), data)]
     quiet = getattr(args, "quiet", False)
     verbose = getattr(args, "verbose", False)
+    for m in models:
+        for b in m.bodies:
+            note = m.measured[b].ks_note
+            # A keystone hang is worth a word even though GNU as accepted the body.
+            if note and (verbose or "did not finish" in note):
+                print(f"linkfix: {args.spec}: warning: op '{m.op.name}': backend '{b}': "
+                      f"{note}; GNU as assembled it", file=sys.stderr)
     if verbose:
         for m in models:
             sizes = ", ".join(f"{b}={m.measured[b].length}" for b in m.bodies)
             clob = ",".join(m.clobbers) or "-"
             print(f"  {m.op.name}: site {m.site_len} bytes, clobbers {clob}, bodies {sizes}")
-            for b in m.bodies:
-                note = m.measured[b].ks_note
-                if note:
-                    print(f"    {b}: {note}; GNU as assembled it", file=sys.stderr)
     if not quiet:
         print(f"  GEN     {outdir} ({len(spec.ops)} ops, {len(spec.backends)} backends, "
               f"{len(written)} of {len(files)} files updated)")

@@ -130,10 +130,12 @@ asm_uses:
 	LINKFIX_irq_disable
 	LINKFIX_save_fl %{ret}
 	LINKFIX_set_pte {ret}, {clob}
+	LINKFIX_restore_fl
+	LINKFIX_restore_fl
 	ret
 	.section .note.GNU-stack,"",@progbits
 """
-S_OP_SITES = {"irq_disable": 1, "save_fl": 1, "set_pte": 1}
+S_OP_SITES = {"irq_disable": 1, "save_fl": 1, "set_pte": 1, "restore_fl": 2}
 
 LINK_LDS = """
 ENTRY(_start)
