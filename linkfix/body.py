@@ -23,6 +23,8 @@ _NUM_LABEL_DEF = re.compile(r"(\d+):\s*(.*)\Z")
 _NAMED_LABEL_DEF = re.compile(rf"({_SYM}):\s*(.*)\Z")
 _CALL = re.compile(rf"call[lq]?\s+({_SYM})\Z")
 _INDIRECT_CALL = re.compile(r"call[lq]?\s+\*")
+_RETURNS = frozenset({"ret", "retq", "retl", "lret", "lretq", "iret", "iretq", "iretl",
+                      "sysret", "sysretq", "sysexit"})
 _DATA_DIRECTIVES = (".byte", ".short", ".word", ".long", ".quad")
 
 
@@ -174,6 +176,14 @@ def parse(arch: Arch, op: Op, backend: str) -> Body:
             inner.append(sym)
             rewritten.append(f"call {sym if direct else thunk_name(op.name, sym)}")
             continue
+        mnemonic = st.split(None, 1)[0].lower()
+        if mnemonic.startswith("call"):
+            raise BodyError(f"'{st}': only 'call <function>' is supported in a body")
+        if mnemonic in _RETURNS:
+            raise BodyError(f"'{st}': a body runs inside its caller; it cannot return")
+        if is_branch(st) and not re.fullmatch(r"\S+\s+\d+[fb]", st):
+            raise BodyError(f"'{st}': a jump may only target a local label of the body "
+                            f"(jz 1f); control must reach the end of the body")
         rewritten.append(st)
     rename_labels(rewritten, lambda n: f"L{n}")  # every local reference resolves
     clash = [s for s in inner

@@ -103,7 +103,7 @@ BAD = [
     ("i386-body-uses-64-bit-reg", HEAD.replace("x86_64", "i386")
      + "[ops.w]\nargs = [\"unsigned long v\"]\n[ops.w.bodies]\nnative = \"mov %rdi, %cr3\"\n",
      "op 'w': backend 'native': body does not assemble for i386: bad register name `%rdi'"),
-    ("named-label", HEAD + "[ops.f.bodies]\nnative = \"jmp out; out:\"\n",
+    ("named-label", HEAD + "[ops.f.bodies]\nnative = \"nop; out: nop\"\n",
      "op 'f': backend 'native': named label 'out:' would be defined once per site; use "
      "numeric local labels (1: ... jz 1b/1f)"),
     ("dangling-local-label", HEAD + "[ops.f.bodies]\nnative = \"jz 1f; nop\"\n",
@@ -219,3 +219,23 @@ def test_reserved_and_conflicting_names() -> None:
               '[ops.b.bodies]\nxen = "call f"\n', "s")
     with pytest.raises(BadInput, match="stack and frame pointers"):
         loads(HEAD + '[ops.a]\nclobbers = ["rsp"]\n[ops.a.bodies]\nxen = "nop"\n', "s")
+
+
+@pytest.mark.parametrize("body,message", [
+    ("call foo@PLT", "'call foo@PLT': only 'call <function>' is supported in a body"),
+    ("call *%rax", "'call *%rax': an indirect call may clobber any register; call a named "
+                   "function instead"),
+    ("jmp elsewhere", "'jmp elsewhere': a jump may only target a local label of the body "
+                      "(jz 1f); control must reach the end of the body"),
+    ("pushf; ret", "'ret': a body runs inside its caller; it cannot return"),
+    (".section .text", "directive '.section' is not allowed in a body (only .byte, .short, "
+                       ".word, .long, .quad)"),
+])
+def test_bodies_that_cannot_live_in_a_site(tmp_path: Path, body: str, message: str) -> None:
+    from linkfix.genstubs import generate
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(HEAD + f'[ops.f]\nreturns = "long"\n[ops.f.bodies]\nnative = "{body}"\n')
+    with pytest.raises(BadInput) as exc:
+        generate(str(spec))
+    assert exc.value.message == f"op 'f': backend 'native': {message}"
