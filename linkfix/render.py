@@ -330,7 +330,7 @@ class AsmFunction:
     lines: tuple[str, ...]
 
 
-def _push_pop(arch_word: int, regs: tuple[str, ...], middle: list[str]) -> list[str]:
+def _push_pop(regs: tuple[str, ...], middle: list[str]) -> list[str]:
     return [*(f"\tpush %{r}" for r in regs), *middle,
             *(f"\tpop %{r}" for r in reversed(regs)), "\tret"]
 
@@ -341,9 +341,9 @@ def thunk_functions(spec: Spec, models: list[OpModel]) -> list[AsmFunction]:
     out: list[AsmFunction] = []
     for m in models:
         call = f"\tcall *linkfix_ops+{word * m.op.index}{rip}"
-        out.append(AsmFunction(dispatch_name(m.op.name), tuple(_push_pop(word, m.saved, [call]))))
+        out.append(AsmFunction(dispatch_name(m.op.name), tuple(_push_pop(m.saved, [call]))))
         for t in m.thunks:
-            out.append(AsmFunction(t.name, tuple(_push_pop(word, m.saved, [f"\tcall {t.callee}"]))))
+            out.append(AsmFunction(t.name, tuple(_push_pop(m.saved, [f"\tcall {t.callee}"]))))
     return out
 
 
