@@ -1,0 +1,389 @@
+"""Read a linked ELF image: header, PT_LOAD segments, sections, symbols, relocations.
+
+Plain `struct` parsing of the whole file held in memory: it is much faster than
+lief on large symbol tables and never writes anything. linkfix produces its
+output by copying these bytes and patching them at file offsets, so the only
+address translation that matters is vaddr -> file offset through PT_LOAD
+(never p_paddr, which a kernel sets to its load address).
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+
+from linkfix.errors import BadInput
+
+EM_386 = 3
+EM_X86_64 = 62
+ET_EXEC = 2
+ET_DYN = 3
+PT_LOAD = 1
+PT_DYNAMIC = 2
+PF_X = 1
+SHT_SYMTAB = 2
+SHT_RELA = 4
+SHT_NOBITS = 8
+SHT_REL = 9
+SHT_DYNSYM = 11
+SHT_RELR = 19
+SHF_ALLOC = 0x2
+
+# Dynamic tags naming load-time relocation tables.
+DT_NULL = 0
+DT_RELA, DT_RELASZ, DT_REL, DT_RELSZ = 7, 8, 17, 18
+DT_JMPREL, DT_PLTRELSZ, DT_PLTREL = 23, 2, 20
+DT_RELR, DT_RELRSZ = 36, 35
+
+_CLASS = {1: 32, 2: 64}
+_MACHINE_CLASS = {EM_386: 32, EM_X86_64: 64}
+
+
+@dataclass(frozen=True)
+class Segment:
+    vaddr: int
+    memsz: int
+    offset: int
+    filesz: int
+    flags: int
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.flags & PF_X)
+
+
+@dataclass(frozen=True)
+class Section:
+    index: int
+    name: str
+    type: int
+    flags: int
+    addr: int
+    offset: int
+    size: int
+    link: int
+    info: int
+    entsize: int
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    value: int
+    size: int
+    type: int  # STT_*
+    shndx: int
+
+
+@dataclass(frozen=True)
+class Reloc:
+    """One relocation entry; `slot` is its byte position in the file."""
+
+    slot: int
+    offset: int
+    type: int
+    sym: int
+    addend: int  # 0 for REL entries (the addend lives in the relocated field)
+
+
+@dataclass(frozen=True)
+class RelocTable:
+    section: Section | None  # None for a load-time table found through PT_DYNAMIC only
+    rela: bool
+    entries: tuple[Reloc, ...]
+
+
+class Image:
+    """A parsed ELF32/ELF64 little-endian x86 image (ET_EXEC or ET_DYN)."""
+
+    def __init__(self, path: str, data: bytes) -> None:
+        self.path = path
+        self.data = data
+        if len(data) < 52 or data[:4] != b"\x7fELF":
+            raise BadInput(path, "not an ELF file")
+        cls = _CLASS.get(data[4])
+        if cls is None:
+            raise BadInput(path, f"unknown ELF class {data[4]}")
+        if data[5] != 1:
+            raise BadInput(path, "not a little-endian ELF file")
+        self.bits = cls
+        self.w = "Q" if cls == 64 else "I"
+        if cls == 64:
+            hdr = struct.unpack_from("<HHIQQQIHHHHHH", data, 16)
+        else:
+            hdr = struct.unpack_from("<HHIIIIIHHHHHH", data, 16)
+        (self.etype, self.machine, _ver, self.entry, phoff, shoff, _flags, _ehsize,
+         phentsize, phnum, shentsize, shnum, shstrndx) = hdr
+        if self.machine not in _MACHINE_CLASS:
+            raise BadInput(path, f"unsupported e_machine {self.machine} (x86-64 or i386 only)")
+        if _MACHINE_CLASS[self.machine] != cls:
+            raise BadInput(path, f"ELF{cls} file with e_machine {self.machine}")
+        if self.etype not in (ET_EXEC, ET_DYN):
+            raise BadInput(path, f"e_type {self.etype}: a linked executable (ET_EXEC or "
+                                 "ET_DYN) is required")
+        self.segments = self._segments(phoff, phentsize, phnum)
+        self.loads = tuple(s for s in self.segments if s[0] == PT_LOAD)
+        self.load_segments = tuple(
+            Segment(vaddr=v, memsz=m, offset=o, filesz=f, flags=fl)
+            for _t, fl, o, v, f, m in self.loads
+        )
+        self.sections = self._sections(shoff, shentsize, shnum, shstrndx)
+        self._by_name = {}
+        for s in self.sections:
+            self._by_name.setdefault(s.name, s)
+
+    # -- headers ---------------------------------------------------------------------------
+
+    def _check_range(self, what: str, off: int, size: int) -> None:
+        if off < 0 or size < 0 or off + size > len(self.data):
+            raise BadInput(self.path, f"{what} lies outside the file (truncated image?)")
+
+    def _segments(self, phoff: int, entsize: int, num: int) -> tuple[tuple[int, ...], ...]:
+        if self.bits == 64:
+            fmt = struct.Struct("<IIQQQQQQ")  # type flags offset vaddr paddr filesz memsz align
+        else:
+            fmt = struct.Struct("<IIIIIIII")  # type offset vaddr paddr filesz memsz flags align
+        if num and entsize < fmt.size:
+            raise BadInput(self.path, f"e_phentsize {entsize} too small")
+        self._check_range("program header table", phoff, entsize * num)
+        out = []
+        for i in range(num):
+            f = fmt.unpack_from(self.data, phoff + i * entsize)
+            if self.bits == 64:
+                ptype, flags, off, vaddr, _pa, filesz, memsz, _al = f
+            else:
+                ptype, off, vaddr, _pa, filesz, memsz, flags, _al = f
+            if ptype == PT_LOAD:
+                self._check_range("PT_LOAD segment", off, filesz)
+            out.append((ptype, flags, off, vaddr, filesz, memsz))
+        return tuple(out)
+
+    def _sections(self, shoff: int, entsize: int, num: int, strndx: int) -> tuple[Section, ...]:
+        if not shoff or not num:
+            return ()
+        fmt = struct.Struct("<IIQQQQIIQQ" if self.bits == 64 else "<IIIIIIIIII")
+        if entsize < fmt.size:
+            raise BadInput(self.path, f"e_shentsize {entsize} too small")
+        self._check_range("section header table", shoff, entsize * num)
+        raw = [fmt.unpack_from(self.data, shoff + i * entsize) for i in range(num)]
+        names = b""
+        if 0 < strndx < num:
+            _n, _t, _f, _a, off, size, *_ = raw[strndx]
+            self._check_range("section name table", off, size)
+            names = self.data[off:off + size]
+        out = []
+        for i, (name, typ, flags, addr, off, size, link, info, _al, ent) in enumerate(raw):
+            end = names.find(b"\0", name)
+            label = names[name:end if end >= 0 else None].decode("utf-8", "replace")
+            if typ != SHT_NOBITS and i:
+                self._check_range(f"section {label}", off, size)
+            out.append(Section(i, label, typ, flags, addr, off, size, link, info, ent))
+        return tuple(out)
+
+    # -- addresses -------------------------------------------------------------------------
+
+    def section(self, name: str) -> Section | None:
+        return self._by_name.get(name)
+
+    def section_at(self, vaddr: int) -> Section | None:
+        """The allocated section containing `vaddr`, if any."""
+        for s in self.sections:
+            if s.flags & SHF_ALLOC and s.size and s.addr <= vaddr < s.addr + s.size:
+                return s
+        return None
+
+    def load_for(self, vaddr: int, size: int, executable: bool = False) -> Segment | None:
+        """The PT_LOAD whose file-backed bytes hold [vaddr, vaddr+size), if any."""
+        for seg in self.load_segments:
+            if seg.vaddr <= vaddr and vaddr + size <= seg.vaddr + seg.filesz:
+                if executable and not seg.executable:
+                    continue
+                return seg
+        return None
+
+    def offset_of(self, vaddr: int, size: int = 1) -> int | None:
+        seg = self.load_for(vaddr, size)
+        if seg is None:
+            return None
+        return vaddr - seg.vaddr + seg.offset
+
+    def read(self, vaddr: int, size: int) -> bytes | None:
+        off = self.offset_of(vaddr, max(size, 1))
+        if off is None:
+            return None
+        return self.data[off:off + size]
+
+    # -- symbols ---------------------------------------------------------------------------
+
+    def _symtab(self, sec: Section) -> list[Symbol]:
+        if sec.link >= len(self.sections):
+            return []
+        strs = self.sections[sec.link]
+        strtab = self.data[strs.offset:strs.offset + strs.size]
+        if self.bits == 64:
+            fmt = struct.Struct("<IBBHQQ")
+        else:
+            fmt = struct.Struct("<IIIBBH")
+        raw = self.data[sec.offset:sec.offset + sec.size - sec.size % fmt.size]
+        out = []
+        for ent in fmt.iter_unpack(raw):
+            if self.bits == 64:
+                name, info, _other, shndx, value, size = ent
+            else:
+                name, value, size, info, _other, shndx = ent
+            end = strtab.find(b"\0", name)
+            label = strtab[name:end if end >= 0 else None].decode("utf-8", "replace")
+            out.append(Symbol(label, value, size, info & 0xF, shndx))
+        return out
+
+    @cached_property
+    def symbols(self) -> list[Symbol]:
+        """.symtab if present, else .dynsym (empty when the image has neither)."""
+        for typ in (SHT_SYMTAB, SHT_DYNSYM):
+            for sec in self.sections:
+                if sec.type == typ:
+                    return self._symtab(sec)
+        return []
+
+    def symbol_value(self, name: str) -> int | None:
+        for sym in self.symbols:
+            if sym.name == name and sym.shndx != 0:
+                return sym.value
+        return None
+
+    @cached_property
+    def _code_symbols(self) -> tuple[list[int], list[Symbol]]:
+        # Functions and plain labels with an address, sorted; used to name sites.
+        syms = sorted(
+            (s for s in self.symbols
+             if s.name and s.shndx != 0 and s.type in (0, 1, 2) and s.value),
+            key=lambda s: (s.value, s.type != 2, s.name),
+        )
+        return [s.value for s in syms], syms
+
+    def symbolize(self, vaddr: int) -> str | None:
+        """`name+0xoff` for the nearest symbol at or below `vaddr`."""
+        values, syms = self._code_symbols
+        i = bisect.bisect_right(values, vaddr) - 1
+        if i < 0:
+            return None
+        # Several symbols may share the address: prefer a sized function symbol.
+        best = syms[i]
+        j = i
+        while j >= 0 and values[j] == values[i]:
+            if syms[j].type == 2:
+                best = syms[j]
+            j -= 1
+        off = vaddr - best.value
+        if best.size and off >= best.size:
+            return None
+        return f"{best.name}+{off:#x}"
+
+    # -- relocations -----------------------------------------------------------------------
+
+    def _reloc_entries(self, off: int, size: int, rela: bool) -> tuple[Reloc, ...]:
+        if self.bits == 64:
+            fmt = struct.Struct("<QQq" if rela else "<QQ")
+        else:
+            fmt = struct.Struct("<IIi" if rela else "<II")
+        self._check_range("relocation table", off, size)
+        out = []
+        shift, mask = (32, 0xFFFFFFFF) if self.bits == 64 else (8, 0xFF)
+        for i in range(size // fmt.size):
+            ent = fmt.unpack_from(self.data, off + i * fmt.size)
+            addend = ent[2] if rela else 0
+            out.append(Reloc(off + i * fmt.size, ent[0], ent[1] & mask, ent[1] >> shift, addend))
+        return tuple(out)
+
+    def reloc_struct(self, rela: bool) -> struct.Struct:
+        if self.bits == 64:
+            return struct.Struct("<QQq" if rela else "<QQ")
+        return struct.Struct("<IIi" if rela else "<II")
+
+    def encode_info(self, sym: int, typ: int) -> int:
+        return (sym << 32 | typ) if self.bits == 64 else (sym << 8 | typ)
+
+    @cached_property
+    def static_relocs(self) -> tuple[RelocTable, ...]:
+        """Link-time relocation sections kept by `ld --emit-relocs` (not loaded)."""
+        out = []
+        for sec in self.sections:
+            if sec.type in (SHT_RELA, SHT_REL) and not sec.flags & SHF_ALLOC and sec.info:
+                rela = sec.type == SHT_RELA
+                out.append(RelocTable(sec, rela, self._reloc_entries(sec.offset, sec.size, rela)))
+        return tuple(out)
+
+    def _dynamic_tags(self) -> dict[int, int]:
+        tags: dict[int, int] = {}
+        for ptype, _fl, off, _va, filesz, _m in self.segments:
+            if ptype != PT_DYNAMIC:
+                continue
+            fmt = struct.Struct("<qQ" if self.bits == 64 else "<iI")
+            self._check_range("PT_DYNAMIC", off, filesz)
+            for i in range(filesz // fmt.size):
+                tag, val = fmt.unpack_from(self.data, off + i * fmt.size)
+                if tag == DT_NULL:
+                    break
+                tags.setdefault(tag, val)
+        return tags
+
+    @cached_property
+    def dynamic_reloc_offsets(self) -> list[int]:
+        """Sorted addresses every load-time relocation writes (RELA, REL, JMPREL, RELR)."""
+        tags = self._dynamic_tags()
+        offsets: list[int] = []
+        tables = [(DT_RELA, DT_RELASZ, True), (DT_REL, DT_RELSZ, False)]
+        if DT_JMPREL in tags:
+            tables.append((DT_JMPREL, DT_PLTRELSZ, tags.get(DT_PLTREL) == DT_RELA))
+        for addr_tag, size_tag, rela in tables:
+            if addr_tag in tags and tags.get(size_tag):
+                off = self.offset_of(tags[addr_tag], tags[size_tag])
+                if off is None:
+                    raise BadInput(self.path, "dynamic relocation table outside PT_LOAD")
+                offsets += [r.offset for r in self._reloc_entries(off, tags[size_tag], rela)
+                            if r.type != 0]
+        if DT_RELR in tags and tags.get(DT_RELRSZ):
+            offsets += self._relr(tags[DT_RELR], tags[DT_RELRSZ])
+        if not tags:
+            # No PT_DYNAMIC (or none parsed): fall back to allocated reloc sections.
+            for sec in self.sections:
+                if sec.type in (SHT_RELA, SHT_REL) and sec.flags & SHF_ALLOC:
+                    offsets += [r.offset for r in
+                                self._reloc_entries(sec.offset, sec.size, sec.type == SHT_RELA)
+                                if r.type != 0]
+        return sorted(offsets)
+
+    def _relr(self, addr: int, size: int) -> list[int]:
+        off = self.offset_of(addr, size)
+        if off is None:
+            raise BadInput(self.path, "DT_RELR table outside PT_LOAD")
+        word = self.bits // 8
+        fmt = "<Q" if word == 8 else "<I"
+        out: list[int] = []
+        where = 0
+        for i in range(size // word):
+            (ent,) = struct.unpack_from(fmt, self.data, off + i * word)
+            if ent & 1 == 0:
+                out.append(ent)
+                where = ent + word
+            else:
+                bits = ent >> 1
+                k = 0
+                while bits:
+                    if bits & 1:
+                        out.append(where + k * word)
+                    bits >>= 1
+                    k += 1
+                where += (self.bits - 1) * word
+        return out
+
+
+def load(path: str) -> Image:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadInput(path, f"cannot read: {exc.strerror}") from None
+    return Image(path, data)

@@ -1,0 +1,68 @@
+"""`linkfix patch`: splice the selected alternative into every site of a linked image.
+
+The output is the input's bytes with only the sites, the state record in
+`.linkfix.meta` and (for `ld --emit-relocs` images) the relocation slots the
+sites own changed; it is written atomically with the input's mode, after every
+record has been validated and every site computed. See docs/PATCH.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from linkfix import image, layout, relocs, report, selection, tables
+from linkfix.errors import BadInput
+from linkfix.fileio import write_atomic
+from linkfix.splice import Splicer
+
+
+def op_state(t: tables.Tables, chk: tables.Checked, per_op: tuple[int, ...],
+             eff: dict[bytes, int]) -> list[int]:
+    """Alternative in place at every site of each op (the request when it has no sites)."""
+    state = list(per_op)
+    for key, k in eff.items():
+        state[chk.shapes[key].op] = k
+    return state
+
+
+def run(args) -> int:  # noqa: ANN001 - argparse namespace
+    src = args.image
+    dst = src if args.in_place else args.output
+    if not args.in_place and _same_file(src, dst):
+        raise BadInput(src, "output is the input; use --in-place to patch it in place")
+    try:
+        mode = os.stat(src).st_mode
+    except OSError as exc:
+        raise BadInput(src, f"cannot read: {exc.strerror}") from None
+    if report.verbose(args):
+        print(report.command_line())
+    img = image.load(src)
+    t = tables.load(img)
+    sel = selection.resolve(t.meta, args.target, args.op, args.policy, src)
+    chk = tables.check_records(t)
+    sp = Splicer(t, chk)
+    out = bytearray(img.data)
+    eff = sp.apply(out, sel.per_op)
+    n_relocs = relocs.update(sp, eff, out)
+    state = op_state(t, chk, sel.per_op, eff)
+    state_at = t.meta_region.offset + layout.STATE_OFFSET
+    out[state_at:state_at + 4 + len(state)] = layout.encode_state(sel.target, 1, state)
+    write_atomic(dst, out, mode)
+    if report.verbose(args):
+        print(report.kbuild("LINKFIX", dst))
+        print(f"  target {t.alt_name(sel.target)} ({sel.source}); "
+              f"{n_relocs} relocation slot(s) rewritten")
+        for line in report.op_stats(t, chk, eff):
+            print(line)
+    elif not report.quiet(args):
+        print(report.kbuild("LINKFIX", dst))
+    sys.stdout.flush()
+    return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)

@@ -1,0 +1,169 @@
+"""Keep an image's relocation entries consistent with re-written sites.
+
+Two kinds of relocations can point into a site (docs/PATCH.md):
+
+* Load-time (dynamic) relocations of an ET_DYN image (DT_RELA/DT_REL/DT_JMPREL/
+  DT_RELR). The loader would write into the new bytes, so a changed site that
+  holds one, or a spliced body that needs one, is refused.
+* Link-time relocations kept by `ld --emit-relocs` (`.rela.text`, `.rel.text`,
+  ...), which a relocatable kernel's build tools read to find the fields to
+  adjust at boot. Each site owns the relocation slots whose r_offset lies
+  inside it (as linked: the dispatch call's PC32/PLT32). After patching, those
+  slots describe the new bytes: the chosen body's own relocations (from the
+  relocation section of `.linkfix.repl`) moved to the site, then R_*_NONE
+  entries (r_offset = the site address, so the slot stays owned and a later
+  re-targeting finds it again). A body needing more absolute relocations than
+  the site owns slots is refused; PC-relative ones that do not fit are left
+  out, because the spliced displacement is final and does not change when the
+  whole image moves.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from linkfix.errors import BadInput
+from linkfix.image import EM_X86_64, RelocTable
+from linkfix.splice import Splicer
+from linkfix.tables import Tables, site_error
+
+# PC-relative types: the field's value does not change when the image moves as a whole.
+_PCREL = {
+    EM_X86_64: {2, 4, 9, 13, 15, 24, 26, 41, 42},  # PC32 PLT32 GOTPCREL PC16 PC8 PC64 GOTPC32 ..X
+    3: {2, 4, 10, 21, 23},  # PC32 PLT32 GOTPC PC16 PC8
+}
+_NAMES = {
+    EM_X86_64: {1: "R_X86_64_64", 2: "R_X86_64_PC32", 4: "R_X86_64_PLT32",
+                10: "R_X86_64_32", 11: "R_X86_64_32S", 15: "R_X86_64_PC8"},
+    3: {1: "R_386_32", 2: "R_386_PC32", 4: "R_386_PLT32", 23: "R_386_PC8", 8: "R_386_RELATIVE"},
+}
+
+
+def type_name(machine: int, typ: int) -> str:
+    return _NAMES.get(machine, {}).get(typ, f"type {typ}")
+
+
+class _Table:
+    """One static relocation table, indexed by r_offset."""
+
+    def __init__(self, rt: RelocTable) -> None:
+        self.rt = rt
+        live = sorted(rt.entries, key=lambda r: (r.offset, r.slot))
+        self.offsets = [r.offset for r in live]
+        self.entries = live
+
+    def within(self, lo: int, hi: int) -> list:
+        a = bisect.bisect_left(self.offsets, lo)
+        b = bisect.bisect_left(self.offsets, hi)
+        return self.entries[a:b]
+
+
+def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
+    """Check dynamic relocations and rewrite static ones; returns slots rewritten."""
+    t = sp.t
+    img = t.image
+    dyn = img.dynamic_reloc_offsets
+    statics = img.static_relocs
+    if not dyn and not statics:
+        return 0
+    site_tables, repl_table = _static_tables(t, statics)
+    chk = sp.chk
+    rewritten = 0
+    for i in range(t.n_sites):
+        sh = sp.shape_of(i)
+        k = eff.get(chk.key_of(i), 0)
+        s = chk.site_addrs[i]
+        L = sh.site_len
+        so = img.offset_of(s, L)
+        assert so is not None
+        bl = sh.alts[k].len
+        b = chk.body_addrs(k)[i]
+        changed = out[so:so + L] != img.data[so:so + L]
+        if dyn and changed:
+            _refuse_dynamic(t, i, dyn, s, L, "the site")
+            if bl:
+                _refuse_dynamic(t, i, dyn, b, bl, f"the {t.alt_name(k)} body")
+        if not statics:
+            continue
+        sec = img.section_at(s)
+        table = site_tables.get(sec.index) if sec else None
+        owned = sorted(table.within(s, s + L), key=lambda r: r.slot) if table else []
+        body_relocs = repl_table.within(b, b + bl) if (repl_table and bl) else []
+        body_relocs = [r for r in body_relocs if r.type != 0]
+        if body_relocs:
+            new_len = _body_len(out, so, L, sp, i, k)
+            if new_len != bl:
+                raise site_error(t, i, f"alternative {t.alt_name(k)}: a body with "
+                                       "relocations whose rel8 jumps had to be widened")
+        pcrel = _PCREL[img.machine]
+        absolute = [r for r in body_relocs if r.type not in pcrel]
+        if len(absolute) > len(owned):
+            what = ", ".join(type_name(img.machine, r.type) for r in absolute)
+            where = table.rt.section.name if table and table.rt.section else \
+                f"no relocation section for {sec.name if sec else '?'}"
+            raise site_error(t, i, f"alternative {t.alt_name(k)} needs {len(absolute)} "
+                                   f"absolute relocation(s) ({what}) but the site owns "
+                                   f"{len(owned)} slot(s) in {where}")
+        keep = absolute + [r for r in body_relocs if r.type in pcrel]
+        keep = sorted(keep[:len(owned)], key=lambda r: r.offset)
+        if keep and table is not None and repl_table is not None:
+            _check_compatible(t, i, table, repl_table)
+        assert table is not None or not owned
+        for j, slot in enumerate(owned):
+            if j < len(keep):
+                r = keep[j]
+                entry = (s + r.offset - b, img.encode_info(r.sym, r.type), r.addend)
+            else:
+                entry = (s, img.encode_info(0, 0), 0)
+            assert table is not None
+            if table.rt.rela:
+                img.reloc_struct(True).pack_into(out, slot.slot, *entry)
+            else:
+                img.reloc_struct(False).pack_into(out, slot.slot, entry[0], entry[1])
+            rewritten += 1
+    return rewritten
+
+
+def _body_len(out: bytearray, so: int, L: int, sp: Splicer, i: int, k: int) -> int:
+    """Length of the spliced body proper (before padding) at site i."""
+    body = sp.body(i, k)
+    code = sp.code_for(i, k, body)
+    if not code.external or code.simple:
+        return len(body)
+    from linkfix import fixups
+
+    delta = sp.chk.body_addrs(k)[i] - sp.chk.site_addrs[i]
+    return len(fixups.relocate(code, body, delta, L))
+
+
+def _refuse_dynamic(t: Tables, i: int, dyn: list[int], lo: int, size: int, what: str) -> None:
+    j = bisect.bisect_left(dyn, lo)
+    if j < len(dyn) and dyn[j] < lo + size:
+        raise site_error(t, i, f"a load-time (dynamic) relocation at {dyn[j]:#x} lies in {what}; "
+                               "patching it would be undone or corrupted by the loader")
+
+
+def _static_tables(t: Tables, statics: tuple[RelocTable, ...]
+                   ) -> tuple[dict[int, _Table], _Table | None]:
+    img = t.image
+    by_target: dict[int, _Table] = {}
+    for rt in statics:
+        assert rt.section is not None
+        if rt.section.info in by_target:
+            raise BadInput(img.path, f"two relocation sections for section index "
+                                     f"{rt.section.info}")
+        by_target[rt.section.info] = _Table(rt)
+    repl_table = None
+    if t.repl_region is not None and t.repl_region.size:
+        sec = img.section_at(t.repl_region.vaddr)
+        if sec is not None:
+            repl_table = by_target.get(sec.index)
+    return by_target, repl_table
+
+
+def _check_compatible(t: Tables, i: int, site: _Table, repl: _Table) -> None:
+    a, b = site.rt, repl.rt
+    assert a.section is not None and b.section is not None
+    if a.rela != b.rela or a.section.link != b.section.link:
+        raise site_error(t, i, f"relocation sections {a.section.name} and {b.section.name} "
+                               "differ in kind or symbol table; cannot move relocations")

@@ -1,0 +1,47 @@
+"""Kbuild-style progress lines and verbose statistics shared by patch and verify."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections import Counter
+
+from linkfix.tables import Checked, Tables
+
+
+def verbose(args: object) -> bool:
+    return bool(getattr(args, "verbose", False)) or os.environ.get("V") == "1"
+
+
+def quiet(args: object) -> bool:
+    return bool(getattr(args, "quiet", False)) and not verbose(args)
+
+
+def command_line() -> str:
+    return shlex.join(["linkfix", *sys.argv[1:]])
+
+
+def kbuild(verb: str, name: str) -> str:
+    """`  LINKFIX vmlinux`: two spaces, the verb padded to 8 columns, the target."""
+    return f"  {verb:<8}{name}"
+
+
+def op_stats(t: Tables, chk: Checked, eff: dict[bytes, int]) -> list[str]:
+    """One line per op with sites: how many sites got which alternative, and the bytes."""
+    per: dict[int, Counter[int]] = {}
+    size: Counter[int] = Counter()
+    padding: Counter[int] = Counter()
+    for key, count in chk.shape_counts().items():
+        sh = chk.shapes[key]
+        k = eff.get(key, 0)
+        per.setdefault(sh.op, Counter())[k] += count
+        size[sh.op] += sh.site_len * count
+        padding[sh.op] += (sh.site_len - sh.alts[k].len) * count
+    lines = []
+    for op in sorted(per):
+        alts = ", ".join(f"{t.alt_name(k)} {n}" for k, n in sorted(per[op].items()))
+        lines.append(f"  {t.op_name(op)}: {sum(per[op].values())} sites ({alts}); "
+                     f"{size[op]} bytes, {padding[op]} padding")
+    lines.append(f"  total: {t.n_sites} sites")
+    return lines

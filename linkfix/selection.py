@@ -1,0 +1,97 @@
+"""Turn --target / --op / --policy into one alternative per op.
+
+Precedence: an `--op NAME=B` on the command line beats the policy's `[ops]`
+entry, which beats the target (`--target`, else the policy's `target`). Branch
+pseudo-ops `backend_is(b)` follow the target like every other op unless named
+explicitly. Backend `generic` is alternative 0, the dispatch call.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+
+from linkfix.errors import BadInput
+from linkfix.layout import Meta
+
+
+@dataclass(frozen=True)
+class Selection:
+    target: int  # backend index for the state record's `target` byte
+    per_op: tuple[int, ...]  # requested alternative for every op (before "no body" fallback)
+    source: str  # how it was chosen, for messages
+
+
+def backend_index(meta: Meta, name: str, where: str, path: str | None) -> int:
+    if name == "generic":
+        return 0
+    if name in meta.backends:
+        return meta.backends.index(name) + 1
+    known = ", ".join(("generic", *meta.backends))
+    raise BadInput(path, f"{where}: unknown backend '{name}' (known: {known})")
+
+
+def _op_index(meta: Meta, name: str, where: str, path: str | None) -> int:
+    if name in meta.ops:
+        return meta.ops.index(name)
+    raise BadInput(path, f"{where}: unknown op '{name}' (known: {', '.join(meta.ops)})")
+
+
+def _load_policy(path: str) -> tuple[str | None, dict[str, str]]:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise BadInput(path, f"cannot read policy: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(path, f"policy is not valid TOML: {exc}") from None
+    unknown = set(doc) - {"target", "ops"}
+    if unknown:
+        raise BadInput(path, f"unknown policy keys: {', '.join(sorted(unknown))} "
+                             "(expected 'target' and an [ops] table)")
+    target = doc.get("target")
+    if target is not None and not isinstance(target, str):
+        raise BadInput(path, "policy 'target' must be a string")
+    ops = doc.get("ops", {})
+    if not isinstance(ops, dict) or not all(isinstance(v, str) for v in ops.values()):
+        raise BadInput(path, "policy [ops] must map op names to backend name strings")
+    return target, ops
+
+
+def has_selection(args: object) -> bool:
+    return bool(getattr(args, "target", None) or getattr(args, "op", None)
+                or getattr(args, "policy", None))
+
+
+def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | None,
+            image_path: str | None) -> Selection:
+    """The per-op choice; raises BadInput for unknown names or a missing target."""
+    pol_target: str | None = None
+    pol_ops: dict[str, str] = {}
+    if policy:
+        pol_target, pol_ops = _load_policy(policy)
+    if target is not None:
+        tgt_name, src = target, "--target"
+    elif pol_target is not None:
+        tgt_name, src = pol_target, f"{policy}: target"
+    else:
+        raise BadInput(image_path, "no target: give --target BACKEND (or 'generic'), or a "
+                                   "--policy file with target = \"BACKEND\"")
+    tgt = backend_index(meta, tgt_name, src, policy if src != "--target" else image_path)
+    per_op = [tgt] * len(meta.ops)
+    for name, backend in pol_ops.items():
+        i = _op_index(meta, name, f"policy [ops] {name}", policy)
+        per_op[i] = backend_index(meta, backend, f"policy [ops] {name}", policy)
+    for arg in op_args:
+        name, eq, backend = arg.rpartition("=")
+        if not eq or not name or not backend:
+            raise BadInput(image_path, f"--op {arg}: expected OP=BACKEND")
+        i = _op_index(meta, name, f"--op {arg}", image_path)
+        per_op[i] = backend_index(meta, backend, f"--op {arg}", image_path)
+    return Selection(tgt, tuple(per_op), src)
+
+
+def from_state(meta: Meta) -> Selection:
+    """The selection recorded in the image's state record (what `patch` last wrote)."""
+    state = meta.op_state or (0,) * len(meta.ops)
+    return Selection(meta.target, tuple(state), "state record")

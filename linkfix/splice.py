@@ -1,0 +1,196 @@
+"""Compute the bytes of every site for a selection, and write them into a buffer.
+
+`Splicer.apply` is the hot loop (one iteration per site, a million sites in
+well under a second): the decisions that depend only on a record's shape (op,
+lengths, flags) and the chosen alternative are made once per shape and kept in
+a small plan tuple; bodies without PC-relative fields become finished site
+bytes cached by (bytes, site_len); bodies with one 32-bit PC-relative field
+(`call`, `jmp`, a RIP-relative access) are recognised by their unchanging bytes
+around that field and patched with `struct.pack_into`. Everything else (several
+fields, rel8 jumps that may need widening, a body unlike the op's other copies)
+takes the general per-site path, `site_bytes`, which decodes nothing twice.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from linkfix import fixups, layout
+from linkfix.padding import pad_cached
+from linkfix.tables import Checked, Shape, Tables, site_error
+
+_EMPTY, _STATIC, _REL32, _FIELDS, _GENERAL = range(5)
+_I32 = struct.Struct("<i")
+
+
+def effective(shape: Shape, k: int) -> int:
+    """The alternative a site gets when `k` is requested: k if it has a body, else generic."""
+    return k if shape.alts[k].present else layout.GENERIC
+
+
+class Splicer:
+    def __init__(self, t: Tables, chk: Checked) -> None:
+        self.t = t
+        self.chk = chk
+        self.img = t.image
+        self.bits = t.image.bits
+        self._templates: dict[tuple[int, int], fixups.Code] = {}
+
+    # -- the general path ------------------------------------------------------------------
+
+    def shape_of(self, i: int) -> Shape:
+        return self.chk.shapes[self.chk.key_of(i)]
+
+    def body(self, i: int, k: int) -> bytes:
+        sh = self.shape_of(i)
+        bl = sh.alts[k].len
+        if not bl:
+            return b""
+        got = self.img.read(self.chk.body_addrs(k)[i], bl)
+        assert got is not None  # validated by check_records
+        return got
+
+    def code_for(self, i: int, k: int, body: bytes) -> fixups.Code:
+        """The decoded body; the op's first decoded copy serves every copy with its skeleton."""
+        sh = self.shape_of(i)
+        tmpl = self._templates.get((sh.op, k))
+        if tmpl is not None and len(tmpl.body) == len(body):
+            skel = bytearray(body)
+            for f in tmpl.external:
+                skel[f.pos:f.pos + f.size] = bytes(f.size)
+            if skel == tmpl.skeleton:
+                return tmpl
+        try:
+            code = fixups.analyze(body, self.bits)
+        except fixups.FixupError as exc:
+            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: {exc}") from None
+        self._templates.setdefault((sh.op, k), code)
+        return code
+
+    def site_bytes(self, i: int, k: int) -> bytes:
+        """The exact bytes site i holds when patched to alternative k (k must be present)."""
+        sh = self.shape_of(i)
+        alt = sh.alts[k]
+        L = sh.site_len
+        if not alt.len:
+            return pad_cached(L)
+        body = self.body(i, k)
+        name = self.t.alt_name(k)
+        if alt.flags & layout.FLAG_CALL and body[0] != 0xE8:
+            raise site_error(self.t, i, f"alternative {name}: flagged as a call but starts "
+                                        f"with {body[0]:#04x}")
+        if alt.flags & layout.FLAG_JMP and body[0] != 0xE9:
+            raise site_error(self.t, i, f"alternative {name}: flagged as a jmp but starts "
+                                        f"with {body[0]:#04x}")
+        code = self.code_for(i, k, body)
+        if not code.external:
+            return body + pad_cached(L - len(body))
+        delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
+        try:
+            new = fixups.relocate(code, body, delta, L)
+        except fixups.FixupError as exc:
+            raise site_error(self.t, i, f"alternative {name}: {exc}") from None
+        return new + pad_cached(L - len(new))
+
+    # -- the hot loop ----------------------------------------------------------------------
+
+    def _plan(self, i: int, key: bytes, per_op: tuple[int, ...]) -> tuple:
+        """Everything the hot loop needs for one record shape, as one 9-tuple."""
+        sh = self.chk.shapes[key]
+        k = effective(sh, per_op[sh.op])
+        alt = sh.alts[k]
+        L = sh.site_len
+        if not alt.len:
+            return (_EMPTY, k, None, None, L, pad_cached(L), None, None, None)
+        blist = self.chk.body_addrs(k)
+        bseg = self.chk.body_segs[k]
+        bdelta = bseg.vaddr - bseg.offset if bseg is not None else None
+        body = self.body(i, k)
+        finished = self.site_bytes(i, k)  # validates flags, decodes, range-checks this copy
+        code = self.code_for(i, k, body)
+        if not code.external:
+            return (_STATIC, k, blist, bdelta, L, finished, body, None, None)
+        plan = fixups.field_plan(code)
+        if plan is None or plan.length > L:
+            return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
+        if len(plan.fields) == 1 and code.simple:
+            p = code.external[0].pos
+            return (_REL32, k, blist, bdelta, L, finished, body[:p], body[p + 4:], p)
+        delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
+        try:
+            template = fixups.relocate(code, body, delta, L, widen_all=bool(plan.min_delta))
+        except fixups.FixupError:
+            return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
+        template += pad_cached(L - len(template))
+        # The bytes every copy shares: all but the moved fields.
+        segs = []
+        pos = 0
+        for f in code.external:
+            if f.pos > pos:
+                segs.append((pos, body[pos:f.pos]))
+            pos = f.pos + f.size
+        if pos < len(body):
+            segs.append((pos, body[pos:]))
+        fields = tuple((new_pos, old_pos, struct.Struct(fixups.size_format(old_size)).unpack_from,
+                        struct.Struct(fixups.size_format(new_size)).pack_into, const)
+                       for new_pos, old_pos, old_size, new_size, const in plan.fields)
+        return (_FIELDS, k, blist, bdelta, L, template, tuple(segs), fields, plan.min_delta)
+
+    def apply(self, out: bytearray, per_op: tuple[int, ...]) -> dict[bytes, int]:
+        """Write every site's bytes for the selection into `out` (a copy of the file).
+
+        Returns the effective alternative chosen for every record shape.
+        """
+        chk = self.chk
+        img = self.img
+        sites = chk.site_addrs
+        src = img.data
+        starts = src.startswith
+        plans: dict[bytes, tuple] = {}
+        seg = chk.exec_seg
+        # Validation found the one segment holding all sites (and, per alternative,
+        # all bodies) in the usual case: then a subtraction maps vaddr to file offset.
+        one_seg = seg is not None
+        sdelta = seg.vaddr - seg.offset if seg is not None else 0
+        pack_i32 = _I32.pack_into
+        unpack_i32 = _I32.unpack_from
+        offset_of = img.offset_of
+        view = memoryview(out)
+        i = -1
+        key = b""
+        try:
+            for i, key in enumerate(chk.keys()):
+                p = plans.get(key)
+                if p is None:
+                    p = plans[key] = self._plan(i, key, per_op)
+                mode, k, blist, bdelta, L, fin, x, y, z = p
+                s = sites[i]
+                so = s - sdelta if one_seg else offset_of(s, L)
+                if mode == _EMPTY:
+                    view[so:so + L] = fin
+                    continue
+                b = blist[i]
+                bo = b - bdelta if bdelta is not None else offset_of(b, 1)
+                if mode == _STATIC:
+                    if starts(x, bo):
+                        view[so:so + L] = fin
+                        continue
+                elif mode == _REL32:
+                    if starts(x, bo) and starts(y, bo + z + 4):
+                        view[so:so + L] = fin
+                        pack_i32(out, so + z, unpack_i32(src, bo + z)[0] + b - s)
+                        continue
+                elif mode == _FIELDS:
+                    d = b - s
+                    if (d > z or -d > z) and all(starts(seg_, bo + at) for at, seg_ in x):
+                        view[so:so + L] = fin
+                        for new_pos, old_pos, unpack, pack, const in y:
+                            pack(out, so + new_pos, unpack(src, bo + old_pos)[0] + d + const)
+                        continue
+                view[so:so + L] = self.site_bytes(i, k)
+        except struct.error:
+            raise site_error(self.t, i, f"alternative {self.t.alt_name(plans[key][1])}: "
+                                        "relocated displacement does not fit in 32 bits") \
+                from None
+        view.release()
+        return {key: p[1] for key, p in plans.items()}

@@ -1,0 +1,537 @@
+"""Synthetic linked images carrying real linkfix tables (docs/FORMAT.md).
+
+Two generators, one catalogue of bodies:
+
+* `build_fast`: a pure-Python ELF writer (ELF64 x86-64 or ELF32 i386, ET_EXEC)
+  for 10 to 1,000,000 sites, used by the property tests and by bench/.
+* `build_asm`: a .S file with hand-written records, assembled with gcc and
+  linked with GNU ld (optionally `--emit-relocs` or `-pie`), for correctness
+  against the real toolchain.
+
+Body kinds (`BODIES`): cli, sti, pushf_pop, gs_movb (absolute), rip_movl
+(RIP-relative on x86-64, absolute on i386), call (rel32 to a function), jz_in (a
+jz rel8 inside the body), jmp8_out (a jmp rel8 out of the body: needs
+widening), jz8_out (jcc rel8 out of the body), empty.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+from dataclasses import dataclass, field
+
+from linkfix import layout
+from linkfix.padding import pad
+
+BASE64 = 0x400000
+BASE32 = 0x8048000
+PAGE = 0x1000
+
+# kind -> length on (64-bit, 32-bit)
+BODY_LEN = {
+    "cli": (1, 1), "sti": (1, 1), "pushf_pop": (2, 2), "gs_movb": (9, 8),
+    "rip_movl": (10, 10), "call": (5, 5), "jz_in": (5, 5), "jmp8_out": (2, 2),
+    "jz8_out": (4, 4), "empty": (0, 0),
+}
+# Bytes a body kind needs after it in .linkfix.repl (its out-of-body jump target).
+BODY_TAIL = {"jmp8_out": 2, "jz8_out": 2}
+BODY_FLAGS = {"call": layout.FLAG_CALL}
+
+
+@dataclass(frozen=True)
+class SynthOp:
+    name: str
+    bodies: dict[str, str]  # backend -> body kind; a missing backend has no body
+
+
+BACKENDS = ("native", "xen", "lguest")
+
+DEFAULT_OPS = (
+    SynthOp("irq_disable", {"native": "cli", "xen": "gs_movb", "lguest": "rip_movl"}),
+    SynthOp("irq_enable", {"native": "sti", "xen": "call"}),
+    SynthOp("save_fl", {"native": "pushf_pop", "xen": "call", "lguest": "jz_in"}),
+    SynthOp("jumpy", {"native": "jmp8_out", "xen": "gs_movb", "lguest": "jz8_out"}),
+    SynthOp("nothing", {"native": "empty", "lguest": "jz_in"}),
+    SynthOp("quiet", {"native": "empty", "xen": "cli"}),
+)
+
+
+@dataclass
+class Env:
+    """Addresses bodies refer to."""
+
+    var_x: int  # byte written by gs_movb
+    var_y: int  # dword written by rip_movl
+    callee: int  # target of call bodies
+    dispatch: dict[int, int]  # op -> dispatch function
+    test: dict[int, int]  # backend -> run-time test (branch site alternative 0)
+    true: dict[int, int]  # backend -> "true" label
+
+
+def encode(kind: str, at: int, bits: int, env: Env) -> bytes:
+    """Machine code of a body kind placed at address `at`."""
+    def rel32(target: int, end: int) -> bytes:
+        return struct.pack("<i", target - end)
+
+    if kind == "cli":
+        return b"\xfa"
+    if kind == "sti":
+        return b"\xfb"
+    if kind == "pushf_pop":
+        return b"\x9c\x58"
+    if kind == "gs_movb":
+        if bits == 64:
+            return b"\x65\xc6\x04\x25" + struct.pack("<I", env.var_x) + b"\x01"
+        return b"\x65\xc6\x05" + struct.pack("<I", env.var_x) + b"\x01"
+    if kind == "rip_movl":
+        if bits == 64:
+            return b"\xc7\x05" + rel32(env.var_y, at + 10) + b"\0\0\0\0"
+        return b"\xc7\x05" + struct.pack("<I", env.var_y) + b"\0\0\0\0"
+    if kind == "call":
+        return b"\xe8" + rel32(env.callee, at + 5)
+    if kind == "jz_in":
+        return b"\x85\xc0\x74\x01\xfa"  # test %eax,%eax; jz 1f; cli; 1:
+    if kind == "jmp8_out":
+        return b"\xeb\x01"  # to at+3, past the tail's first byte
+    if kind == "jz8_out":
+        return b"\x85\xc0\x74\x01"  # to at+5
+    if kind == "empty":
+        return b""
+    raise ValueError(kind)
+
+
+def body_len(kind: str, bits: int) -> int:
+    return BODY_LEN[kind][0 if bits == 64 else 1]
+
+
+def site_len(op: SynthOp, bits: int) -> int:
+    return max([5] + [body_len(k, bits) for k in op.bodies.values()])
+
+
+@dataclass
+class SiteInfo:
+    addr: int
+    op: int
+    length: int
+    kind: int
+    bodies: list[tuple[int, int, int] | None]  # per alternative: (addr, len, flags)
+
+
+@dataclass
+class Synth:
+    path: str
+    bits: int
+    backends: tuple[str, ...]
+    ops: tuple[SynthOp, ...]
+    sites: list[SiteInfo]
+    env: Env
+    text: tuple[int, int]  # [start, end) of .text
+    data: tuple[int, int]  # [start, end) of .data
+    segments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    # (vaddr, offset, filesz, memsz, flags)
+
+    @property
+    def op_names(self) -> list[str]:
+        return [o.name for o in self.ops] + [layout.branch_op_name(b) for b in self.backends]
+
+
+def meta_for(bits: int, backends: tuple[str, ...], ops: tuple[SynthOp, ...]) -> layout.Meta:
+    names = tuple(o.name for o in ops) + tuple(layout.branch_op_name(b) for b in backends)
+    return layout.Meta(machine=62 if bits == 64 else 3, backends=backends, ops=names,
+                       spec_hash=0x5EED1234)
+
+
+def choose_ops(n: int, ops: tuple[SynthOp, ...], n_branch: int, rng: random.Random
+               ) -> list[int]:
+    """A reproducible op index per site; indices >= len(ops) are branch sites."""
+    total = len(ops)
+    return [rng.randrange(total) if rng.random() >= n_branch else
+            total + rng.randrange(len(BACKENDS)) for _ in range(n)]
+
+
+# -- the pure-Python ELF writer ------------------------------------------------------------
+
+
+def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, ...] = DEFAULT_OPS,
+               backends: tuple[str, ...] = BACKENDS, seed: int = 0, branch_share: float = 0.1,
+               site_ops: list[int] | None = None, gap: int = 1, symbols: bool = True,
+               section_names: bool = True, empty_body_zero: bool = False) -> Synth:
+    """Write an ET_EXEC image with `n_sites` sites; returns what was placed where.
+
+    `site_ops` fixes the op of every site (indices >= len(ops) are branch sites
+    backend_is(backends[i - len(ops)])). `section_names=False` renames the
+    linkfix sections so that only the __linkfix_* symbols find the tables.
+    """
+    rng = random.Random(seed)
+    if site_ops is None:
+        site_ops = choose_ops(n_sites, ops, branch_share, rng)
+    n_sites = len(site_ops)
+    nb = len(backends)
+    n_real = len(ops)
+    w64 = bits == 64
+    base = BASE64 if w64 else BASE32
+    meta = meta_for(bits, backends, ops)
+    rec_size = layout.site_rec_size(nb)
+    rec = layout.site_struct(nb)
+
+    # .text: dispatch functions, callee, branch tests and "true" labels, then the sites.
+    text_addr = base + PAGE
+    text = bytearray()
+
+    def stub(code: bytes) -> int:
+        at = text_addr + len(text)
+        text.extend(code + b"\xcc" * (-len(code) % 16))
+        return at
+
+    dispatch = {op: stub(b"\xc3") for op in range(n_real)}
+    callee = stub(b"\xb8\x34\x12\x00\x00\xc3")  # mov $0x1234,%eax; ret
+    test = {b: stub(b"\x90\xc3") for b in range(1, nb + 1)}
+    true = {b: stub(b"\x90\x90\xc3") for b in range(1, nb + 1)}
+    fn_syms: list[tuple[str, int, int]] = [("_start", text_addr, 0)]
+
+    # Data segment addresses are fixed after the read-only tables are sized, so
+    # place data first at a generous fixed distance: after text+tables.
+    lens = [site_len(ops[o], bits) if o < n_real else 5 for o in site_ops]
+    text_sites_at = text_addr + len(text)
+    text_size = len(text) + sum(lens) + gap * n_sites
+    per_site_repl = []
+    for o in site_ops:
+        if o < n_real:
+            kinds = ["call"] + [ops[o].bodies.get(b, "") for b in backends]
+            per_site_repl.append(sum(body_len(k, bits) + BODY_TAIL.get(k, 0)
+                                     for k in kinds if k))
+        else:
+            per_site_repl.append(5 + 5)
+    ro_addr = _align(text_addr + text_size, PAGE)
+    meta_bytes = meta.encode()
+    meta_addr = ro_addr
+    sites_addr = _align(meta_addr + len(meta_bytes), 8)
+    repl_addr = sites_addr + rec_size * n_sites
+    repl_size = sum(per_site_repl)
+    data_addr = _align(repl_addr + repl_size, PAGE) + PAGE
+    env = Env(var_x=data_addr, var_y=data_addr + 8, callee=callee, dispatch=dispatch,
+              test=test, true=true)
+
+    text.extend(bytes(text_size - len(text)))
+    sites_blob = bytearray(rec_size * n_sites)
+    repl = bytearray()
+    infos: list[SiteInfo] = []
+    at = text_sites_at
+    rec_vals: list[int] = []
+    for i, o in enumerate(site_ops):
+        L = lens[i]
+        rec_addr = sites_addr + i * rec_size
+        alts: list[tuple[int, int, int] | None] = []
+        if o < n_real:
+            kinds: list[str | None] = ["call"] + [ops[o].bodies.get(b) for b in backends]
+        else:
+            b = o - n_real + 1
+            kinds = ["branch0"] + ["branchT" if k == b else "empty" for k in range(1, nb + 1)]
+        rec_vals.clear()
+        rec_vals += [at - rec_addr, o, L, 0 if o < n_real else 1]
+        for k, kind in enumerate(kinds):
+            field_addr = rec_addr + 8 + 8 * k
+            if kind is None:
+                alts.append(None)
+                rec_vals += [0, 0, 0, 0]
+                continue
+            b_at = repl_addr + len(repl)
+            if kind == "call" and k == 0:
+                code = b"\xe8" + struct.pack("<i", dispatch[o] - (b_at + 5))
+                flags = layout.FLAG_PRESENT | layout.FLAG_CALL
+            elif kind == "branch0":
+                code = b"\xe9" + struct.pack("<i", test[o - n_real + 1] - (b_at + 5))
+                flags = layout.FLAG_PRESENT | layout.FLAG_JMP
+            elif kind == "branchT":
+                code = b"\xe9" + struct.pack("<i", true[o - n_real + 1] - (b_at + 5))
+                flags = layout.FLAG_PRESENT | layout.FLAG_JMP
+            else:
+                code = encode(kind, b_at, bits, env)
+                flags = layout.FLAG_PRESENT | BODY_FLAGS.get(kind, 0)
+            repl += code
+            if kind in BODY_TAIL:
+                repl += b"\xc3" * BODY_TAIL[kind]
+            off = b_at - field_addr
+            if not code and empty_body_zero:
+                off = 0
+            alts.append((b_at, len(code), flags))
+            rec_vals += [off, len(code), flags, 0]
+        rec.pack_into(sites_blob, i * rec_size, *rec_vals)
+        # The site as linked: the generic alternative relocated to the site, then padding.
+        t_off = at - text_addr
+        g = alts[0]
+        assert g is not None
+        opcode = b"\xe8" if o < n_real else b"\xe9"
+        target = dispatch[o] if o < n_real else test[o - n_real + 1]
+        text[t_off:t_off + L] = opcode + struct.pack("<i", target - (at + 5)) + pad(L - 5)
+        for g_i in range(gap):
+            text[t_off + L + g_i] = 0x90
+        if symbols and i % 8 == 0:
+            fn_syms.append((f"fn_{i // 8}", at, 0))
+        infos.append(SiteInfo(at, o, L, 0 if o < n_real else 1, alts))
+        at += L + gap
+    assert len(repl) == repl_size, (len(repl), repl_size)
+
+    data = bytearray(64)
+    bss_size = 64
+
+    # File layout mirrors the address layout (offset = vaddr - base).
+    ro_end = repl_addr + repl_size
+    image = bytearray(data_addr - base + len(data))
+    image[text_addr - base:text_addr - base + len(text)] = text
+    image[meta_addr - base:meta_addr - base + len(meta_bytes)] = meta_bytes
+    image[sites_addr - base:sites_addr - base + len(sites_blob)] = sites_blob
+    image[repl_addr - base:repl_addr - base + len(repl)] = repl
+    image[data_addr - base:data_addr - base + len(data)] = data
+
+    names = (layout.META_SECTION, layout.SITES_SECTION, layout.REPL_SECTION) if section_names \
+        else (".rodata.a", ".rodata.b", ".rodata.c")
+    sections = [
+        (".text", 1, 0x6, text_addr, text_addr - base, len(text), 16),
+        (names[0], 1, 0x2, meta_addr, meta_addr - base, len(meta_bytes), 4),
+        (names[1], 1, 0x2, sites_addr, sites_addr - base, len(sites_blob), 4),
+        (names[2], 1, 0x2, repl_addr, repl_addr - base, len(repl), 1),
+        (".data", 1, 0x3, data_addr, data_addr - base, len(data), 8),
+        (".bss", 8, 0x3, data_addr + len(data), len(image), bss_size, 8),
+    ]
+    symlist = list(fn_syms)
+    symlist += [
+        ("__linkfix_meta_start", meta_addr, 0),
+        ("__linkfix_meta_end", meta_addr + len(meta_bytes), 0),
+        ("__linkfix_sites_start", sites_addr, 0),
+        ("__linkfix_sites_end", sites_addr + len(sites_blob), 0),
+        ("__linkfix_repl_start", repl_addr, 0), ("__linkfix_repl_end", ro_end, 0),
+        ("xen_vcpu_mask", env.var_x, 1), ("lguest_irq_enabled", env.var_y, 4),
+        ("callee", callee, 0),
+    ]
+    symlist += [(f"__lf_dispatch_{ops[o].name}", a, 0) for o, a in dispatch.items()]
+    segments = [
+        (base, 0, text_addr - base + len(text), text_addr - base + len(text), 5),
+        (ro_addr, ro_addr - base, ro_end - ro_addr, ro_end - ro_addr, 4),
+        (data_addr, data_addr - base, len(data), len(data) + bss_size, 6),
+    ]
+    _finish_elf(image, bits, segments, sections, symlist, text_addr)
+    with open(path, "wb") as f:
+        f.write(image)
+    os.chmod(path, 0o755)
+    return Synth(path, bits, backends, ops, infos, env, (text_addr, text_addr + len(text)),
+                 (data_addr, data_addr + len(data) + bss_size), segments)
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def _finish_elf(image: bytearray, bits: int, segments: list, sections: list, symlist: list,
+                entry: int) -> None:
+    """Append .symtab/.strtab/.shstrtab and the section headers; write ELF and program headers."""
+    w64 = bits == 64
+    strtab = bytearray(b"\0")
+    syms = bytearray()
+    sym_fmt = struct.Struct("<IBBHQQ" if w64 else "<IIIBBH")
+    syms += bytes(sym_fmt.size)
+    text_index = 1
+    for name, value, size in symlist:
+        name_off = len(strtab)
+        strtab += name.encode() + b"\0"
+        shndx = _shndx_for(value, sections)
+        info = (1 << 4) | (2 if name.startswith("fn_") or name.startswith("__lf") else 0)
+        if w64:
+            syms += sym_fmt.pack(name_off, info, 0, shndx or text_index, value, size)
+        else:
+            syms += sym_fmt.pack(name_off, value, size, info, 0, shndx or text_index)
+    shstr = bytearray(b"\0")
+    all_secs = list(sections) + [
+        (".symtab", 2, 0, 0, 0, len(syms), 8),
+        (".strtab", 3, 0, 0, 0, len(strtab), 1),
+        (".shstrtab", 3, 0, 0, 0, 0, 1),
+    ]
+    sym_i = len(sections) + 1
+    offs = []
+    image.extend(bytes(-len(image) % 8))
+    offs.append(len(image))
+    image += syms
+    offs.append(len(image))
+    image += strtab
+    name_offs = []
+    for s in all_secs:
+        name_offs.append(len(shstr))
+        shstr += s[0].encode() + b"\0"
+    offs.append(len(image))
+    image += shstr
+    image.extend(bytes(-len(image) % 8))
+    shoff = len(image)
+    sh_fmt = struct.Struct("<IIQQQQIIQQ" if w64 else "<IIIIIIIIII")
+    image += bytes(sh_fmt.size)
+    for i, (name, typ, flags, addr, off, size, align) in enumerate(all_secs):
+        link = info = ent = 0
+        if name == ".symtab":
+            off, link, info, ent = offs[0], sym_i + 1, 1, sym_fmt.size
+        elif name == ".strtab":
+            off = offs[1]
+        elif name == ".shstrtab":
+            off, size = offs[2], len(shstr)
+        image += sh_fmt.pack(name_offs[i], typ, flags, addr, off, size, link, info, align, ent)
+    ph_fmt = struct.Struct("<IIQQQQQQ" if w64 else "<IIIIIIII")
+    ehsize = 64 if w64 else 52
+    phoff = ehsize
+    for j, (vaddr, off, filesz, memsz, flags) in enumerate(segments):
+        if w64:
+            ph = ph_fmt.pack(1, flags, off, vaddr, vaddr, filesz, memsz, PAGE)
+        else:
+            ph = ph_fmt.pack(1, off, vaddr, vaddr, filesz, memsz, flags, PAGE)
+        image[phoff + j * ph_fmt.size:phoff + (j + 1) * ph_fmt.size] = ph
+    ident = b"\x7fELF" + bytes((2 if w64 else 1, 1, 1)) + bytes(9)
+    if w64:
+        hdr = ident + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, entry, phoff, shoff, 0, ehsize,
+                                  ph_fmt.size, len(segments), sh_fmt.size, len(all_secs) + 1,
+                                  len(all_secs))
+    else:
+        hdr = ident + struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, entry, phoff, shoff, 0, ehsize,
+                                  ph_fmt.size, len(segments), sh_fmt.size, len(all_secs) + 1,
+                                  len(all_secs))
+    image[:len(hdr)] = hdr
+
+
+def _shndx_for(value: int, sections: list) -> int:
+    for i, (_n, _t, _f, addr, _o, size, _a) in enumerate(sections):
+        if addr <= value < addr + size or (value == addr + size and size):
+            return i + 1
+    return 0xFFF1  # SHN_ABS
+
+
+# -- the gcc/ld path -------------------------------------------------------------------------
+
+_ASM_BODY = {
+    64: {
+        "cli": "cli", "sti": "sti", "pushf_pop": "pushf; pop %rax",
+        "gs_movb": "movb $1, %gs:xen_vcpu_mask",
+        "rip_movl": "movl $0, lguest_irq_enabled(%rip)",
+        "call": "call callee", "jz_in": "test %eax, %eax; jz 1f; cli; 1:",
+        "jmp8_out": "jmp 2f; int3; 2:", "jz8_out": "test %eax, %eax; jz 2f; int3; 2:",
+        "empty": "",
+    },
+    32: {
+        "cli": "cli", "sti": "sti", "pushf_pop": "pushf; pop %eax",
+        "gs_movb": "movb $1, %gs:xen_vcpu_mask",
+        "rip_movl": "movl $0, lguest_irq_enabled",
+        "call": "call callee", "jz_in": "test %eax, %eax; jz 1f; cli; 1:",
+        "jmp8_out": "jmp 2f; int3; 2:", "jz8_out": "test %eax, %eax; jz 2f; int3; 2:",
+        "empty": "",
+    },
+}
+_ASM_PIE_UNSAFE = {"gs_movb"}
+
+
+def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAULT_OPS,
+               backends: tuple[str, ...] = BACKENDS, pie: bool = False) -> str:
+    """A GAS source with sites, records and bodies written by hand per FORMAT.md."""
+    n_real = len(ops)
+    nb = len(backends)
+    meta = meta_for(bits, backends, ops)
+    lines = [
+        "# generated by tests/synthimage.py",
+        '.section .linkfix.meta,"a"', ".balign 4",
+        ".byte " + ", ".join(str(b) for b in meta.encode()),
+        ".data", ".globl xen_vcpu_mask, lguest_irq_enabled",
+        "xen_vcpu_mask: .quad 0", "lguest_irq_enabled: .quad 0",
+        ".text", ".globl _start", "_start:", "  hlt",
+        "callee:", "  mov $0x1234, %eax", "  ret",
+    ]
+    for op in ops:
+        lines += [f".globl __lf_dispatch_{op.name}", f".type __lf_dispatch_{op.name},@function",
+                  f"__lf_dispatch_{op.name}:", "  ret"]
+    for b in range(1, nb + 1):
+        lines += [f"lf_test_{b}:", "  nop", "  ret", f"lf_true_{b}:", "  nop", "  nop", "  ret"]
+    for i, o in enumerate(site_ops):
+        if i % 8 == 0:
+            lines += [f".globl fn_{i // 8}", f".type fn_{i // 8},@function", f"fn_{i // 8}:"]
+        if o < n_real:
+            op = ops[o]
+            L = site_len(op, bits)
+            lines.append(f"661: call __lf_dispatch_{op.name}")
+            kinds: list[str | None] = ["generic"] + [op.bodies.get(b) for b in backends]
+        else:
+            b = o - n_real + 1
+            L = 5
+            # Always the rel32 form (as would relax a near jmp to rel8).
+            lines.append(f"661: .byte 0xe9; .long lf_test_{b} - . - 4")
+            kinds = ["branch0"] + ["branchT" if k == b else "empty" for k in range(1, nb + 1)]
+        if L > 5:
+            lines.append("  .byte " + ", ".join(str(x) for x in pad(L - 5)))
+        lines.append("  nop")  # code between sites
+        lines += ['.pushsection .linkfix.sites,"a"', ".balign 4", "  .long 661b - .",
+                  f"  .short {o}", f"  .byte {L}, {0 if o < n_real else 1}"]
+        body_lines = []
+        for k, kind in enumerate(kinds):
+            if kind is None:
+                lines += ["  .long 0", "  .byte 0, 0", "  .short 0"]
+                continue
+            flags = layout.FLAG_PRESENT
+            if kind == "generic":
+                text = f"call __lf_dispatch_{ops[o].name}"
+                flags |= layout.FLAG_CALL
+            elif kind == "branch0":
+                text = f"jmp lf_test_{o - n_real + 1}"
+                flags |= layout.FLAG_JMP
+            elif kind == "branchT":
+                text = f"jmp lf_true_{o - n_real + 1}"
+                flags |= layout.FLAG_JMP
+            else:
+                text = _ASM_BODY[bits][kind]
+                flags |= BODY_FLAGS.get(kind, 0)
+            lab = f"lf_b_{i}_{k}"
+            # int3 tails (jmp8_out, jz8_out) are outside the body: end label before them.
+            parts = text.split("; int3; 2:")
+            body_text = parts[0]
+            tail = "int3; 2: int3" if len(parts) > 1 else ""
+            body_lines += [f"{lab}:", f"  {body_text.replace('; ', chr(10) + '  ')}",
+                           f"{lab}_e:"]
+            if tail:
+                body_lines += ["  int3", "2:", "  int3"]
+            lines += [f"  .long {lab} - .", f"  .byte {lab}_e - {lab}, {flags}", "  .short 0"]
+        lines += [".popsection", '.pushsection .linkfix.repl,"a"'] + body_lines + [".popsection"]
+    return "\n".join(x for x in lines if x != "") + "\n"
+
+
+LDSCRIPT = """
+SECTIONS
+{
+  . = %(base)s + SIZEOF_HEADERS;
+  .text : { *(.text .text.*) }
+  . = ALIGN(0x1000);
+  .rodata : { *(.rodata .rodata.*) }
+  .linkfix.meta : { __linkfix_meta_start = .; KEEP(*(.linkfix.meta)) __linkfix_meta_end = .; }
+  .linkfix.sites : ALIGN(4) { __linkfix_sites_start = .; KEEP(*(.linkfix.sites))
+                              __linkfix_sites_end = .; }
+  .linkfix.repl : { __linkfix_repl_start = .; KEEP(*(.linkfix.repl)) __linkfix_repl_end = .; }
+  . = ALIGN(0x1000);
+  .data : { *(.data .data.*) }
+  .bss : { *(.bss .bss.*) }
+}
+"""
+
+
+def build_asm(path: str, workdir: str, site_ops: list[int], bits: int = 64, *,
+              ops: tuple[SynthOp, ...] = DEFAULT_OPS, backends: tuple[str, ...] = BACKENDS,
+              emit_relocs: bool = False, pie: bool = False) -> str:
+    """Assemble and link a synthetic image with gcc and GNU ld; returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    src = os.path.join(workdir, "synth.S")
+    obj = os.path.join(workdir, "synth.o")
+    lds = os.path.join(workdir, "synth.lds")
+    with open(src, "w") as f:
+        f.write(asm_source(site_ops, bits, ops, backends, pie))
+    with open(lds, "w") as f:
+        f.write(LDSCRIPT % {"base": "0x400000" if bits == 64 else "0x8048000"})
+    m = "-m64" if bits == 64 else "-m32"
+    subprocess.run(["gcc", m, "-c", src, "-o", obj], check=True, capture_output=True, text=True)
+    cmd = ["ld", "-m", "elf_x86_64" if bits == 64 else "elf_i386", "-T", lds, "-o", path, obj]
+    if emit_relocs:
+        cmd.insert(1, "--emit-relocs")
+    if pie:
+        cmd[1:1] = ["-pie", "--no-dynamic-linker", "-z", "notext"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return path
