@@ -70,6 +70,11 @@ def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | No
     pol_ops: dict[str, str] = {}
     if policy:
         pol_target, pol_ops = _load_policy(policy)
+    pol = []
+    for name, backend in pol_ops.items():
+        where = f"policy [ops] {name}"
+        pol.append((_op_index(meta, name, where, policy), backend_index(meta, backend, where,
+                                                                         policy)))
     if target is not None:
         tgt_name, src = target, "--target"
     elif pol_target is not None:
@@ -79,9 +84,8 @@ def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | No
                                    "--policy file with target = \"BACKEND\"")
     tgt = backend_index(meta, tgt_name, src, policy if src != "--target" else image_path)
     per_op = [tgt] * len(meta.ops)
-    for name, backend in pol_ops.items():
-        i = _op_index(meta, name, f"policy [ops] {name}", policy)
-        per_op[i] = backend_index(meta, backend, f"policy [ops] {name}", policy)
+    for i, k in pol:
+        per_op[i] = k
     for arg in op_args:
         name, eq, backend = arg.rpartition("=")
         if not eq or not name or not backend:

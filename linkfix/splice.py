@@ -69,11 +69,15 @@ class Splicer:
 
     def site_bytes(self, i: int, k: int) -> bytes:
         """The exact bytes site i holds when patched to alternative k (k must be present)."""
+        return self.placed(i, k)[0]
+
+    def placed(self, i: int, k: int) -> tuple[bytes, int]:
+        """Site i's bytes for alternative k, and how many of them are body (not padding)."""
         sh = self.shape_of(i)
         alt = sh.alts[k]
         L = sh.site_len
         if not alt.len:
-            return pad_cached(L)
+            return pad_cached(L), 0
         body = self.body(i, k)
         name = self.t.alt_name(k)
         if alt.flags & layout.FLAG_CALL and body[0] != 0xE8:
@@ -84,13 +88,13 @@ class Splicer:
                                         f"with {body[0]:#04x}")
         code = self.code_for(i, k, body)
         if not code.external:
-            return body + pad_cached(L - len(body))
+            return body + pad_cached(L - len(body)), len(body)
         delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
         try:
             new = fixups.relocate(code, body, delta, L)
         except fixups.FixupError as exc:
             raise site_error(self.t, i, f"alternative {name}: {exc}") from None
-        return new + pad_cached(L - len(new))
+        return new + pad_cached(L - len(new)), len(new)
 
     # -- the hot loop ----------------------------------------------------------------------
 
