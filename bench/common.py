@@ -38,12 +38,16 @@ class Log:
         if self.verbose:
             print(f"  $ {line}", flush=True)
 
+    def comment(self, text: str) -> None:
+        """A line in the command list that is not a command."""
+        self.commands.append(f"# {text}")
+
 
 LOG = Log()
 
 
 def _quote(arg: str) -> str:
-    arg = rel(arg) if arg.startswith(ROOT) else arg
+    arg = rel(arg) if arg.startswith(ROOT) else arg.replace(ROOT + "/", "")
     if arg and all(c.isalnum() or c in "-_./=,:+%*" for c in arg):
         return arg
     return "'" + arg.replace("'", "'\\''") + "'"

@@ -45,6 +45,12 @@ VARIANTS = (
     Variant("rax", "(b) only %rax clobbered (2007)"),
     Variant("linkfix", "(c) linkfix per-op clobbers (patched image)"),
 )
+# native: the three inline ops only (a native kernel's hot path);
+# ccall: plus a call to a C function (a hypervisor's op written in C).
+WORKLOADS = (
+    Variant("native", "save_fl, flag_off, restore_fl (inline bodies)"),
+    Variant("ccall", "the same plus a call to a C function"),
+)
 
 
 @dataclass
@@ -145,32 +151,34 @@ def build(arch: str) -> tuple[dict[str, str], list[str]]:
     flags = [*CFLAGS, "-mno-red-zone"] if arch == "x86_64" else [*CFLAGS, "-m32"]
     lds = f"-Wl,-T,{os.path.join(BENCH, 'userspace', 'linkfix_insert.lds')}"
 
-    def link(binary: str, header: str) -> None:
+    def link(binary: str, header: str, c_call: bool) -> None:
         obj = binary + ".o"
-        run(["gcc", *flags, "-c", "-o", obj, "-include", header,
-             os.path.join(SRC, "hungry.c")])
+        run(["gcc", *flags, *(["-DWITH_C_CALL"] if c_call else []), "-c", "-o", obj,
+             "-include", header, os.path.join(SRC, "hungry.c")])
         run(["gcc", *flags, "-I", gen, "-o", binary, obj, os.path.join(SRC, "main.c"),
              os.path.join(gen, "linkfix_ops.c"), os.path.join(gen, "linkfix_thunks.S"),
              lds, f"-L{gen}"])
 
     binaries: dict[str, str] = {}
     notes: list[str] = []
-    for v in VARIANTS:
-        binaries[v.key] = os.path.join(out, f"hungry_{v.key}")
-        link(binaries[v.key], headers[v.key])
-    generic = binaries["linkfix"]
-    patched = generic + ".native"
-    try:
-        run(linkfix_cmd("patch", generic, "-o", patched, "--target", "native", "-q"))
-    except BenchError as exc:
-        # Without the post-link pass: the same sites, modelled at compile time.
-        notes.append(f"`linkfix patch` failed ({exc}); (c) is the compile-time model")
-        model = os.path.join(out, "sites_model.h")
-        with open(model, "w") as f:
-            f.write(sitemodel.header(arch, manifest, lambda op: op,
-                                     lambda op: list(op["clobbers"])))
-        link(patched, model)
-    binaries["linkfix"] = patched
+    for w in WORKLOADS:
+        for v in VARIANTS:
+            key = f"{w.key}_{v.key}"
+            binaries[key] = os.path.join(out, f"hungry_{key}")
+            link(binaries[key], headers[v.key], w.key == "ccall")
+        generic = binaries[f"{w.key}_linkfix"]
+        patched = generic + ".native"
+        try:
+            run(linkfix_cmd("patch", generic, "-o", patched, "--target", "native", "-q"))
+        except BenchError as exc:
+            # Without the post-link pass: the same sites, modelled at compile time.
+            notes.append(f"`linkfix patch` failed ({exc}); (c) is the compile-time model")
+            model = os.path.join(out, "sites_model.h")
+            with open(model, "w") as f:
+                f.write(sitemodel.header(arch, manifest, lambda op: op,
+                                         lambda op: list(op["clobbers"])))
+            link(patched, model, w.key == "ccall")
+        binaries[f"{w.key}_linkfix"] = patched
     return binaries, notes
 
 
@@ -188,19 +196,19 @@ def _callgrind_total(binary: str, n: int, workdir: str) -> int:
 def measure(arch: str, quick: bool, tsc_hz: float) -> PressureResult:
     binaries, notes = build(arch)
     res = PressureResult(arch, tsc_hz=tsc_hz, notes=notes)
-    for v in VARIANTS:
-        res.static[v.key] = analyse(arch, binaries[v.key])
+    for key, binary in binaries.items():
+        res.static[key] = analyse(arch, binary)
     n, repeats, procs = (2048 * 50, 3, 1) if quick else (2048 * 500, 7, 3)
     for _ in range(procs):
-        for v in VARIANTS:
-            out = run(pinned([binaries[v.key], "time", str(n), str(repeats)])).stdout
-            res.ticks.setdefault(v.key, []).extend(float(x) for x in out.split())
+        for key, binary in binaries.items():
+            out = run(pinned([binary, "time", str(n), str(repeats)])).stdout
+            res.ticks.setdefault(key, []).extend(float(x) for x in out.split())
     if shutil.which("valgrind"):
-        workdir = os.path.dirname(binaries["full"])
-        for v in VARIANTS:
-            one = _callgrind_total(binaries[v.key], 1000, workdir)
-            two = _callgrind_total(binaries[v.key], 2000, workdir)
-            res.instr_per_iter[v.key] = (two - one) / 1000
+        workdir = os.path.dirname(binaries["native_full"])
+        for key, binary in binaries.items():
+            one = _callgrind_total(binary, 1000, workdir)
+            two = _callgrind_total(binary, 2000, workdir)
+            res.instr_per_iter[key] = (two - one) / 1000
     else:
         res.notes.append("valgrind not installed: no instruction counts")
     return res

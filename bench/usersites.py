@@ -22,7 +22,7 @@ from common import BENCH, BUILD, LOG, BenchError, ensure_dir, linkfix_cmd, media
 SRC = os.path.join(BENCH, "userspace")
 OPS = ("save_fl", "flag_off", "c_func")
 OP_TITLES = {
-    "save_fl": "`pushf; pop %rax`",
+    "save_fl": "`pushf; pop` (save_fl)",
     "flag_off": "store to a flag word",
     "c_func": "call a C function",
 }
@@ -39,6 +39,7 @@ class Shape:
 # In table order. "lfpatched" runs the lfgen loops of the patched image.
 SHAPES = (
     Shape("inline", "hand-written inline instruction (C call for c_func)", "body's own"),
+    Shape("inlinea", "the same, result in %rax like the op (save_fl only)", "%rax"),
     Shape("lfpatched", "linkfix patched: body + one long NOP", "op's declared (none here)"),
     Shape("lfmodel", "linkfix patched, compile-time model", "op's declared (none here)"),
     Shape("linux6", "Linux today: `call *pv_ops(%rip)`, 6 bytes", "%rax"),
@@ -70,6 +71,8 @@ def shape_asm(arch: str, shape: str, op: str) -> str | None:
     if op != "save_fl":  # no output register: %rax is saved too
         push = [f"push {_AX[arch]}", *push_noax]
         pop = [*pop_noax, f"pop {_AX[arch]}"]
+    if shape == "inlinea":
+        return f"pushf; pop {_AX[arch]}" if op == "save_fl" else None
     if shape == "inline":
         return {"save_fl": f"pushf; pop {_AX[arch]}",
                 "flag_off": "movl $0, " + _sym(arch, "bench_flag"),
@@ -84,6 +87,26 @@ def shape_asm(arch: str, shape: str, op: str) -> str | None:
     if shape == "s12":
         return "; ".join([*push, "call *" + _sym(arch, f"bench_ops+{idx * word}"), *pop])
     return None
+
+
+def display(text: str) -> str:
+    """`text` with runs of push/pop shortened, for a table cell."""
+    parts = [p.strip() for p in text.split(";")]
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        verb = parts[i].split(" ")[0]
+        j = i
+        while j < len(parts) and parts[j].split(" ")[0] == verb and verb in ("push", "pop"):
+            j += 1
+        if j - i > 2:
+            regs = [p.split(" ", 1)[1] for p in parts[i:j]]
+            out.append(f"{verb} {regs[0]}..{regs[-1]} ({j - i})")
+            i = j
+        else:
+            out.append(parts[i])
+            i += 1
+    return "; ".join(out)
 
 
 def asm_len(arch: str, text: str, workdir: str) -> int:
@@ -165,11 +188,19 @@ class ArchResult:
     callgrind_error: str | None = None
 
     def ticks(self, variant: str) -> float | None:
+        """Best (lowest) ticks per site of all repeats: this VM's noise is bimodal
+        (some repeats run ~25 % slow for every variant alike), so the median of a
+        variant depends on how many of its repeats fell in the slow mode."""
+        s = self.samples.get(variant)
+        return min(s) if s else None
+
+    def median_ticks(self, variant: str) -> float | None:
         s = self.samples.get(variant)
         return median(s) if s else None
 
-    def net_ticks(self, variant: str) -> float | None:
-        t, e = self.ticks(variant), self.ticks("empty_none")
+    def net_ticks(self, variant: str, best: bool = True) -> float | None:
+        get = self.ticks if best else self.median_ticks
+        t, e = get(variant), get("empty_none")
         return None if t is None or e is None else t - e
 
     def ns(self, ticks: float | None) -> float | None:
@@ -271,6 +302,6 @@ def measure(arch: str, quick: bool) -> ArchResult:
             res.callgrind_error = str(exc)
     else:
         res.callgrind_error = "valgrind not installed (apt-get install valgrind)"
-    LOG.note([f"# {rel(b.binary)}: {len(all_variants)} variants x {repeats} repeats "
-              f"x {procs} processes, {n} iterations of {UNROLL} sites each"])
+    LOG.comment(f"{rel(b.binary)}: {len(all_variants)} variants x {repeats} repeats "
+                f"x {procs} processes, {n} iterations of {UNROLL} sites each")
     return res

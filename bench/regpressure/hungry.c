@@ -1,8 +1,9 @@
-/* hungry.c: a register-hungry loop around four paravirt sites (save_fl,
- * flag_off, a C call, restore_fl), the shape of an irq-save section in a hot
- * kernel path. Ten loop-carried values plus the loop's own pointer and counter
- * are live across every site, so each register a site may clobber is one the
- * compiler must spill around it or keep out of use.
+/* hungry.c: a register-hungry loop around paravirt sites (save_fl, flag_off,
+ * restore_fl and, built with -DWITH_C_CALL, a call to a C function), the
+ * shape of an irq-save section in a hot kernel path. Ten loop-carried values
+ * plus the loop's own pointer and counter are live across every site, so each
+ * register a site may clobber is one the compiler must spill around it or
+ * keep out of use.
  *
  * No #include: the build passes the sites with `-include HEADER`, either the
  * gen-stubs linkfix.h (each op clobbers only what it declares) or a model with
@@ -24,7 +25,9 @@ unsigned long hungry(const unsigned long *a, long n)
 		s1 ^= s0 >> 1;
 		s2 += s1 * 3;
 		s3 ^= s2 + x;
+#ifdef WITH_C_CALL
 		c_func();
+#endif
 		s4 += s3 >> 2;
 		s5 ^= s4 + s0;
 		s6 += s5 ^ s1;

@@ -102,6 +102,11 @@ void *bench_callee_ops[3] = { (void *)fn_save_fl, (void *)fn_flag_off, (void *)c
  * knowing exactly what the callee may clobber). */
 #define SITE_inline_save_fl { unsigned long r; \
 	__asm__ __volatile__("pushf; pop %0" : "=r"(r) : : "memory"); acc += r; }
+/* The same instruction with its result in the op's register (%rax/%eax), as
+ * the linkfix site has it: separates the cost of the padding from that of a
+ * fixed result register. */
+#define SITE_inlinea_save_fl { unsigned long r; \
+	__asm__ __volatile__("pushf; pop %0" : "=a"(r) : : "memory"); acc += r; }
 #define SITE_inline_flag_off \
 	__asm__ __volatile__("movl $0, " SYM("bench_flag") : : : "memory");
 #define SITE_inline_c_func bench_cfunc();
@@ -175,6 +180,7 @@ __attribute__((noinline, aligned(64))) unsigned long run_##shape##_##op(long n) 
 
 LOOP(empty, none)
 SHAPE(inline)
+LOOP(inlinea, save_fl)
 SHAPE(lfgen)
 SHAPE(lfmodel)
 SHAPE(linux6)
@@ -193,6 +199,7 @@ struct variant {
 static const struct variant variants[] = {
 	V(empty, none)
 	VSHAPE(inline)
+	V(inlinea, save_fl)
 	VSHAPE(lfgen)
 	VSHAPE(lfmodel)
 	VSHAPE(linux6)

@@ -1,0 +1,148 @@
+"""Part 4: how fast the post-link pass is.
+
+Synthetic images from tests/synthimage.py (`build_fast`: real linkfix tables,
+a realistic mix of bodies: cli/sti, pushf/pop, %gs and RIP-relative stores,
+calls, bodies with internal and outgoing jumps, empty bodies, branch sites)
+with 10k, 100k and 1M sites. Each command runs as a subprocess, process start
+included; the time is the median of several runs, the peak memory that of the
+child (wait4's rusage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from common import BENCH, BUILD, LOG, PYTHON, ROOT, BenchError, ensure_dir, linkfix_cmd, median
+
+TARGET_1M_S = 2.0
+TARGET_SPEEDUP = 10.0
+NAIVE = os.path.join(BENCH, "naive_lief.py")
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)
+    peak_kb: int = 0
+
+    @property
+    def median(self) -> float | None:
+        return median(self.seconds) if self.seconds else None
+
+
+@dataclass
+class SizeResult:
+    sites: int
+    image_bytes: int
+    copy: Timing = field(default_factory=Timing)
+    patch: Timing = field(default_factory=Timing)
+    naive: Timing = field(default_factory=Timing)
+    naive_extrapolated: float | None = None
+    verify: str = "not run"
+
+
+@dataclass
+class PostlinkResult:
+    sizes: list[SizeResult] = field(default_factory=list)
+    python_start: Timing = field(default_factory=Timing)
+    notes: list[str] = field(default_factory=list)
+
+
+def _source_hash() -> str:
+    """Images are cached; rebuild when the generator or the format changes."""
+    h = hashlib.sha256()
+    for rel in ("tests/synthimage.py", "linkfix/layout.py", "linkfix/padding.py"):
+        with open(os.path.join(ROOT, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def image(n: int) -> str:
+    """The synthetic image with n sites (built once per generator version)."""
+    out = ensure_dir(os.path.join(BUILD, "postlink"))
+    path = os.path.join(out, f"synth_{n}_{_source_hash()}.elf")
+    if not os.path.exists(path):
+        for old in os.listdir(out):
+            if old.startswith(f"synth_{n}_"):
+                os.unlink(os.path.join(out, old))
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        try:
+            import synthimage  # tests/synthimage.py
+        except ImportError as exc:
+            raise BenchError(f"tests/synthimage.py: cannot import: {exc}") from None
+        finally:
+            sys.path.pop(0)
+        tmp = path + ".tmp"
+        synthimage.build_fast(tmp, n, 64, seed=1)
+        os.replace(tmp, path)
+    LOG.comment(f"{os.path.relpath(path, ROOT)}: tests/synthimage.py build_fast(path, {n}, 64, "
+                "seed=1), cached until the generator or the format changes")
+    return path
+
+
+def timed(cmd: list[str], log: bool = True) -> tuple[float, int]:
+    """Wall time of `cmd` as a child process and its peak RSS in KiB."""
+    if log:
+        LOG.note(cmd)
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            msg = err.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise BenchError(f"{' '.join(cmd)}: exit {proc.returncode}: {' | '.join(msg)}")
+    return elapsed, usage.ru_maxrss
+
+
+def _repeat(t: Timing, cmd: list[str], times: int) -> None:
+    for i in range(times):
+        secs, kb = timed(cmd, log=i == 0)
+        t.seconds.append(secs)
+        t.peak_kb = max(t.peak_kb, kb)
+
+
+def measure(quick: bool) -> PostlinkResult:
+    res = PostlinkResult()
+    sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
+    reps = 3 if quick else 7
+    out_dir = ensure_dir(os.path.join(BUILD, "postlink"))
+    _repeat(res.python_start, [PYTHON, "-c", "pass"], reps)
+    naive_cap = 100_000 if quick else 1_000_000
+    for n in sizes:
+        img = image(n)
+        r = SizeResult(n, os.path.getsize(img))
+        out = os.path.join(out_dir, f"out_{n}.elf")
+        big = n >= 1_000_000
+        _repeat(r.copy, ["cp", img, out], reps)
+        try:
+            _repeat(r.patch, linkfix_cmd("patch", img, "-o", out, "--target", "native", "-q"),
+                    3 if big else reps)
+        except BenchError as exc:
+            res.notes.append(f"`linkfix patch` failed on {n} sites: {exc}")
+        if r.patch.seconds:
+            try:
+                timed(linkfix_cmd("verify", out, "--target", "native", "-q"))
+                r.verify = "ok"
+            except BenchError as exc:
+                r.verify = f"failed: {exc}"
+        if n <= naive_cap:
+            _repeat(r.naive, [PYTHON, NAIVE, img, out, "1"], 3 if big else reps)
+        res.sizes.append(r)
+    # A size whose naive run was skipped gets a labelled linear extrapolation
+    # from the two largest measured sizes.
+    measured = [s for s in res.sizes if s.naive.seconds]
+    if len(measured) >= 2:
+        a, b = measured[-2], measured[-1]
+        slope = (b.naive.median - a.naive.median) / (b.sites - a.sites)
+        for s in res.sizes:
+            if not s.naive.seconds:
+                s.naive_extrapolated = b.naive.median + slope * (s.sites - b.sites)
+    return res
