@@ -23,6 +23,7 @@ from common import BENCH, BUILD, LOG, PYTHON, ROOT, BenchError, ensure_dir, link
 TARGET_1M_S = 2.0
 TARGET_SPEEDUP = 10.0
 NAIVE = os.path.join(BENCH, "naive_lief.py")
+PYFLOOR = os.path.join(BENCH, "pyloop_floor.py")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class SizeResult:
     copy: Timing = field(default_factory=Timing)
     patch: Timing = field(default_factory=Timing)
     naive: Timing = field(default_factory=Timing)
+    pyfloor: Timing = field(default_factory=Timing)
     naive_extrapolated: float | None = None
     verify: str = "not run"
 
@@ -50,6 +52,8 @@ class SizeResult:
 class PostlinkResult:
     sizes: list[SizeResult] = field(default_factory=list)
     python_start: Timing = field(default_factory=Timing)
+    import_patch: Timing = field(default_factory=Timing)  # python -c "import linkfix.patch"
+    import_lief: Timing = field(default_factory=Timing)
     notes: list[str] = field(default_factory=list)
 
 
@@ -85,13 +89,23 @@ def image(n: int) -> str:
     return path
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def timed(cmd: list[str], log: bool = True) -> tuple[float, int]:
-    """Wall time of `cmd` as a child process and its peak RSS in KiB."""
+    """Wall time of `cmd` as a child process and its peak RSS in KiB.
+
+    The peak comes from GNU time when it is installed: a child forked straight
+    from this (large) Python process would report the parent's RSS at fork time
+    as its own peak. Without it, wait4's rusage (an upper bound) is used.
+    """
     if log:
         LOG.note(cmd)
-    with tempfile.TemporaryFile() as err:
+    use_time = os.access(GNU_TIME, os.X_OK)
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
+        full = [GNU_TIME, "-f", "%M", "-o", rss.name, *cmd] if use_time else cmd
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -99,7 +113,11 @@ def timed(cmd: list[str], log: bool = True) -> tuple[float, int]:
             err.seek(0)
             msg = err.read().decode(errors="replace").strip().splitlines()[-3:]
             raise BenchError(f"{' '.join(cmd)}: exit {proc.returncode}: {' | '.join(msg)}")
-    return elapsed, usage.ru_maxrss
+        peak = usage.ru_maxrss
+        if use_time:
+            text = rss.read().strip().splitlines()
+            peak = int(text[-1]) if text and text[-1].isdigit() else peak
+    return elapsed, peak
 
 
 def _repeat(t: Timing, cmd: list[str], times: int) -> None:
@@ -115,6 +133,8 @@ def measure(quick: bool) -> PostlinkResult:
     reps = 3 if quick else 7
     out_dir = ensure_dir(os.path.join(BUILD, "postlink"))
     _repeat(res.python_start, [PYTHON, "-c", "pass"], reps)
+    _repeat(res.import_patch, [PYTHON, "-c", "import linkfix.patch"], reps)
+    _repeat(res.import_lief, [PYTHON, "-c", "import lief"], reps)
     naive_cap = 100_000 if quick else 1_000_000
     for n in sizes:
         img = image(n)
@@ -122,6 +142,7 @@ def measure(quick: bool) -> PostlinkResult:
         out = os.path.join(out_dir, f"out_{n}.elf")
         big = n >= 1_000_000
         _repeat(r.copy, ["cp", img, out], reps)
+        _repeat(r.pyfloor, [PYTHON, PYFLOOR, str(n)], 3 if big else reps)
         try:
             _repeat(r.patch, linkfix_cmd("patch", img, "-o", out, "--target", "native", "-q"),
                     3 if big else reps)
