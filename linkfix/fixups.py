@@ -139,7 +139,13 @@ def _layout(code: Code, widen: set[int]) -> tuple[list[int], int]:
     return new_off, pos
 
 
-def relocate(code: Code, body: bytes, delta: int, room: int, widen_all: bool = False) -> bytes:
+def wrap32(value: int) -> int:
+    """A 32-bit displacement modulo 2**32: i386 address arithmetic wraps around."""
+    return (value + 0x80000000) % 0x100000000 - 0x80000000
+
+
+def relocate(code: Code, body: bytes, delta: int, room: int, widen_all: bool = False,
+             bits: int = 64) -> bytes:
     """The body's bytes for execution at `body_addr - delta`, widening rel8 jumps if needed.
 
     `body` is this site's copy (same skeleton as `code.body`, its own field values);
@@ -178,6 +184,8 @@ def relocate(code: Code, body: bytes, delta: int, room: int, widen_all: bool = F
                 value = boundary[target] - end_new
             else:
                 value = target + delta - end_new
+            if fsize == 4 and bits == 32:
+                value = wrap32(value)
             lo, hi = _LIMITS[fsize]
             if not lo <= value <= hi:
                 if ins.widen_opcode is not None and i not in widen:

@@ -133,7 +133,7 @@ def _body_len(out: bytearray, so: int, L: int, sp: Splicer, i: int, k: int) -> i
     from linkfix import fixups
 
     delta = sp.chk.body_addrs(k)[i] - sp.chk.site_addrs[i]
-    return len(fixups.relocate(code, body, delta, L))
+    return len(fixups.relocate(code, body, delta, L, bits=sp.bits))
 
 
 def _refuse_dynamic(t: Tables, i: int, dyn: list[int], lo: int, size: int, what: str) -> None:

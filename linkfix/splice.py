@@ -91,7 +91,7 @@ class Splicer:
             return body + pad_cached(L - len(body)), len(body)
         delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
         try:
-            new = fixups.relocate(code, body, delta, L)
+            new = fixups.relocate(code, body, delta, L, bits=self.bits)
         except fixups.FixupError as exc:
             raise site_error(self.t, i, f"alternative {name}: {exc}") from None
         return new + pad_cached(L - len(new)), len(new)
@@ -122,7 +122,8 @@ class Splicer:
             return (_REL32, k, blist, bdelta, L, finished, body[:p], body[p + 4:], p)
         delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
         try:
-            template = fixups.relocate(code, body, delta, L, widen_all=bool(plan.min_delta))
+            template = fixups.relocate(code, body, delta, L, widen_all=bool(plan.min_delta),
+                                       bits=self.bits)
         except fixups.FixupError:
             return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
         template += pad_cached(L - len(template))
@@ -160,6 +161,7 @@ class Splicer:
         unpack_i32 = _I32.unpack_from
         offset_of = img.offset_of
         view = memoryview(out)
+        wraps = self.bits == 32  # i386 displacements wrap around the 4 GiB space
         i = -1
         key = b""
         try:
@@ -182,14 +184,26 @@ class Splicer:
                 elif mode == _REL32:
                     if starts(x, bo) and starts(y, bo + z + 4):
                         view[so:so + L] = fin
-                        pack_i32(out, so + z, unpack_i32(src, bo + z)[0] + b - s)
+                        value = unpack_i32(src, bo + z)[0] + b - s
+                        try:
+                            pack_i32(out, so + z, value)
+                        except struct.error:
+                            if not wraps:
+                                raise
+                            pack_i32(out, so + z, fixups.wrap32(value))
                         continue
                 elif mode == _FIELDS:
                     d = b - s
                     if (d > z or -d > z) and all(starts(seg_, bo + at) for at, seg_ in x):
                         view[so:so + L] = fin
                         for new_pos, old_pos, unpack, pack, const in y:
-                            pack(out, so + new_pos, unpack(src, bo + old_pos)[0] + d + const)
+                            value = unpack(src, bo + old_pos)[0] + d + const
+                            try:
+                                pack(out, so + new_pos, value)
+                            except struct.error:
+                                if not wraps:
+                                    raise
+                                pack(out, so + new_pos, fixups.wrap32(value))
                         continue
                 view[so:so + L] = self.site_bytes(i, k)
         except struct.error:

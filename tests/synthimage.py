@@ -33,7 +33,7 @@ PAGE = 0x1000
 BODY_LEN = {
     "cli": (1, 1), "sti": (1, 1), "pushf_pop": (2, 2), "gs_movb": (9, 8),
     "rip_movl": (10, 10), "call": (5, 5), "jz_in": (5, 5), "jmp8_out": (2, 2),
-    "jz8_out": (4, 4), "empty": (0, 0),
+    "jz8_out": (4, 4), "empty": (0, 0), "abs2": (11, 10),
 }
 # Bytes a body kind needs after it in .linkfix.repl (its out-of-body jump target).
 BODY_TAIL = {"jmp8_out": 2, "jz8_out": 2}
@@ -99,6 +99,9 @@ def encode(kind: str, at: int, bits: int, env: Env) -> bytes:
         return b"\x85\xc0\x74\x01"  # to at+5
     if kind == "empty":
         return b""
+    if kind == "abs2":  # movl $xen_vcpu_mask, lguest_irq_enabled: two absolute fields
+        prefix = b"\xc7\x04\x25" if bits == 64 else b"\xc7\x05"
+        return prefix + struct.pack("<II", env.var_y, env.var_x)
     raise ValueError(kind)
 
 
@@ -411,7 +414,7 @@ _ASM_BODY = {
         "rip_movl": "movl $0, lguest_irq_enabled(%rip)",
         "call": "call callee", "jz_in": "test %eax, %eax; jz 1f; cli; 1:",
         "jmp8_out": "jmp 2f; int3; 2:", "jz8_out": "test %eax, %eax; jz 2f; int3; 2:",
-        "empty": "",
+        "empty": "", "abs2": "movl $xen_vcpu_mask, lguest_irq_enabled",
     },
     32: {
         "cli": "cli", "sti": "sti", "pushf_pop": "pushf; pop %eax",
@@ -419,15 +422,19 @@ _ASM_BODY = {
         "rip_movl": "movl $0, lguest_irq_enabled",
         "call": "call callee", "jz_in": "test %eax, %eax; jz 1f; cli; 1:",
         "jmp8_out": "jmp 2f; int3; 2:", "jz8_out": "test %eax, %eax; jz 2f; int3; 2:",
-        "empty": "",
+        "empty": "", "abs2": "movl $xen_vcpu_mask, lguest_irq_enabled",
     },
 }
-_ASM_PIE_UNSAFE = {"gs_movb"}
 
 
 def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAULT_OPS,
-               backends: tuple[str, ...] = BACKENDS, pie: bool = False) -> str:
-    """A GAS source with sites, records and bodies written by hand per FORMAT.md."""
+               backends: tuple[str, ...] = BACKENDS, indirect_generic: bool = False) -> str:
+    """A GAS source with sites, records and bodies written by hand per FORMAT.md.
+
+    `indirect_generic` (i386 only) makes the generic alternative `call *lf_ptr`, an
+    absolute address: in a PIE image the loader relocates it in place.
+    """
+    generic_len = 6 if indirect_generic else 5
     n_real = len(ops)
     nb = len(backends)
     meta = meta_for(bits, backends, ops)
@@ -437,6 +444,7 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
         ".byte " + ", ".join(str(b) for b in meta.encode()),
         ".data", ".globl xen_vcpu_mask, lguest_irq_enabled",
         "xen_vcpu_mask: .quad 0", "lguest_irq_enabled: .quad 0",
+        "lf_ptr: " + (".quad callee" if bits == 64 else ".long callee"),
         ".text", ".globl _start", "_start:", "  hlt",
         "callee:", "  mov $0x1234, %eax", "  ret",
     ]
@@ -450,8 +458,9 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
             lines += [f".globl fn_{i // 8}", f".type fn_{i // 8},@function", f"fn_{i // 8}:"]
         if o < n_real:
             op = ops[o]
-            L = site_len(op, bits)
-            lines.append(f"661: call __lf_dispatch_{op.name}")
+            L = max(generic_len, site_len(op, bits))
+            lines.append("661: call *lf_ptr" if indirect_generic else
+                         f"661: call __lf_dispatch_{op.name}")
             kinds: list[str | None] = ["generic"] + [op.bodies.get(b) for b in backends]
         else:
             b = o - n_real + 1
@@ -459,8 +468,9 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
             # Always the rel32 form (as would relax a near jmp to rel8).
             lines.append(f"661: .byte 0xe9; .long lf_test_{b} - . - 4")
             kinds = ["branch0"] + ["branchT" if k == b else "empty" for k in range(1, nb + 1)]
-        if L > 5:
-            lines.append("  .byte " + ", ".join(str(x) for x in pad(L - 5)))
+        head = generic_len if o < n_real else 5
+        if L > head:
+            lines.append("  .byte " + ", ".join(str(x) for x in pad(L - head)))
         lines.append("  nop")  # code between sites
         lines += ['.pushsection .linkfix.sites,"a"', ".balign 4", "  .long 661b - .",
                   f"  .short {o}", f"  .byte {L}, {0 if o < n_real else 1}"]
@@ -470,7 +480,9 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
                 lines += ["  .long 0", "  .byte 0, 0", "  .short 0"]
                 continue
             flags = layout.FLAG_PRESENT
-            if kind == "generic":
+            if kind == "generic" and indirect_generic:
+                text = "call *lf_ptr"
+            elif kind == "generic":
                 text = f"call __lf_dispatch_{ops[o].name}"
                 flags |= layout.FLAG_CALL
             elif kind == "branch0":
@@ -516,22 +528,26 @@ SECTIONS
 
 def build_asm(path: str, workdir: str, site_ops: list[int], bits: int = 64, *,
               ops: tuple[SynthOp, ...] = DEFAULT_OPS, backends: tuple[str, ...] = BACKENDS,
-              emit_relocs: bool = False, pie: bool = False) -> str:
+              emit_relocs: bool = False, pie: bool = False, indirect_generic: bool = False,
+              debug: bool = False) -> str:
     """Assemble and link a synthetic image with gcc and GNU ld; returns the path."""
     os.makedirs(workdir, exist_ok=True)
     src = os.path.join(workdir, "synth.S")
     obj = os.path.join(workdir, "synth.o")
     lds = os.path.join(workdir, "synth.lds")
     with open(src, "w") as f:
-        f.write(asm_source(site_ops, bits, ops, backends, pie))
+        f.write(asm_source(site_ops, bits, ops, backends, indirect_generic))
     with open(lds, "w") as f:
         f.write(LDSCRIPT % {"base": "0x400000" if bits == 64 else "0x8048000"})
     m = "-m64" if bits == 64 else "-m32"
-    subprocess.run(["gcc", m, "-c", src, "-o", obj], check=True, capture_output=True, text=True)
+    subprocess.run(["gcc", m, *(["-g"] if debug else []), "-c", src, "-o", obj], check=True,
+                   capture_output=True, text=True)
     cmd = ["ld", "-m", "elf_x86_64" if bits == 64 else "elf_i386", "-T", lds, "-o", path, obj]
     if emit_relocs:
         cmd.insert(1, "--emit-relocs")
     if pie:
-        cmd[1:1] = ["-pie", "--no-dynamic-linker", "-z", "notext"]
+        # ld's default script for -pie (an ET_DYN at 0; the linkfix sections become
+        # orphans placed by name, without the __linkfix_* symbols).
+        cmd = [cmd[0], "-pie", "--no-dynamic-linker", "-z", "notext", *cmd[1:3], "-o", path, obj]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return path
