@@ -6,7 +6,7 @@ import usersites
 from pressure import VARIANTS as PRESSURE_VARIANTS
 from pressure import WORKLOADS as PRESSURE_WORKLOADS
 from report import Results
-from ring0 import CONFIGS, LINUX_PV_OVERHEAD_PCT, TARGET_OVERHEAD_PCT
+from ring0 import CONFIG_TITLES, CONFIGS, LINUX_PV_OVERHEAD_PCT, TARGET_OVERHEAD_PCT
 
 
 def _missing(ax, title: str, why: str) -> None:  # noqa: ANN001
@@ -18,26 +18,27 @@ def _missing(ax, title: str, why: str) -> None:  # noqa: ANN001
 
 
 def _ring0(ax, res: Results) -> None:  # noqa: ANN001
-    title = "1. Ring 0 (QEMU -icount): workload instructions vs no paravirt"
+    title = "1. Ring 0 (QEMU -icount): instructions vs no paravirt"
     r0 = res.ring0
-    if r0 is None or not r0.workload:
+    if r0 is None or not r0.available:
         _missing(ax, title, "not measured: " + (r0.why if r0 else "not run"))
         return
-    arches = list(r0.workload)
-    configs = [c for c in CONFIGS if c != "nopv" and any(c in r0.workload[a] for a in arches)]
+    arches = [a for a in r0.per_op if r0.totals(a).get("nopv")]
+    configs = [c for c in CONFIGS if c != "nopv" and any(c in r0.totals(a) for a in arches)]
     width = 0.8 / max(1, len(arches))
     for i, arch in enumerate(arches):
-        w = r0.workload[arch]
-        vals = [(w[c] - w["nopv"]) / w["nopv"] * 100 if c in w and w.get("nopv") else 0
-                for c in configs]
-        ax.bar([x + i * width for x in range(len(configs))], vals, width, label=arch)
+        w = r0.totals(arch)
+        vals = [(w[c] - w["nopv"]) / w["nopv"] * 100 if c in w else 0 for c in configs]
+        label = arch + ("" if r0.measured_workload(arch) else " (op sequence)")
+        ax.bar([x + i * width for x in range(len(configs))], vals, width, label=label)
     ax.axhline(LINUX_PV_OVERHEAD_PCT, color="red", ls="--", lw=1,
                label=f"Linux pvops 2009: +{LINUX_PV_OVERHEAD_PCT} %")
     ax.axhline(TARGET_OVERHEAD_PCT, color="green", ls=":", lw=1,
                label=f"target < {TARGET_OVERHEAD_PCT} %")
     ax.set_xticks([x + width * (len(arches) - 1) / 2 for x in range(len(configs))])
-    ax.set_xticklabels(configs)
-    ax.set_ylabel("% more instructions")
+    ax.set_xticklabels([CONFIG_TITLES.get(c, c).replace(" ", "\n", 1) for c in configs],
+                       fontsize=7)
+    ax.set_ylabel("% more instructions than no paravirt")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)

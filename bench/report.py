@@ -74,8 +74,8 @@ def targets(res: Results) -> list[Target]:
     r0 = res.ring0
     if r0 is not None and r0.headline_pct() is not None:
         v = r0.headline_pct()
-        out.append(Target("Ring 0: patched native vs no paravirt, instructions of the workload "
-                          f"({r0.headline_arch})", f"< {TARGET_OVERHEAD_PCT} % "
+        out.append(Target("Ring 0: patched native vs no paravirt, instructions "
+                          f"({r0.headline_label()})", f"< {TARGET_OVERHEAD_PCT} % "
                           f"(Linux pvops 2009: +{LINUX_PV_OVERHEAD_PCT} %)", pct(v),
                           v < TARGET_OVERHEAD_PCT))
     else:
