@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
 from linkfix import __version__
-from linkfix.errors import EXIT_INTERNAL, LinkfixError
+from linkfix.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LinkfixError
+
+# A reader that closed the pipe early (`linkfix inspect IMAGE | head`) is not an
+# error of linkfix's: stop quietly with the status a shell reports for SIGPIPE.
+EXIT_BROKEN_PIPE = 128 + 13
 
 # command name -> module providing `run(args) -> int`
 COMMANDS = {
@@ -23,8 +28,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the error contract: a usage error is one line and exit 2."""
+
+    def error(self, message: str):  # noqa: ANN201 - NoReturn, as in argparse
+        self.exit(EXIT_BAD_INPUT, f"linkfix: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="linkfix",
         description="Generate patchable paravirt call sites and splice the chosen "
         "bodies into a linked image.",
@@ -70,7 +82,9 @@ def _selection(p: argparse.ArgumentParser, required_target: bool) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="full command and statistics")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # SUPPRESS: a subcommand's default must not undo `linkfix --debug COMMAND`.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,8 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("linkfix: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - the contract: one line, exit 1
         if debug:
             traceback.print_exc()
         print(f"linkfix: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (captured in-process): nothing will be flushed to a pipe
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
