@@ -114,7 +114,7 @@ def collect(path: str) -> dict:
             "kind": "branch" if sh.kind == layout.KIND_BRANCH else "op",
             "size": L,
             "bytes": current.hex(),
-            "state": matches[0] if matches else "unknown/corrupt",
+            "state": _state(t, sh, matches),
             "matches": matches,
             "alternatives": alts,
         })
@@ -136,6 +136,16 @@ def collect(path: str) -> dict:
         "summary": summary,
         "backend_summary": backends,
     }
+
+
+def _state(t: tables.Tables, sh: tables.Shape, matches: list[str]) -> str:
+    """The alternative the site holds; when several have the same bytes (two empty
+    bodies), the one the state record names."""
+    if not matches:
+        return "unknown/corrupt"
+    recorded = t.meta.op_state[sh.op] if t.meta.op_state else 0
+    name = t.alt_name(recorded if sh.alts[recorded].present else 0)
+    return name if name in matches else matches[0]
 
 
 def _text(doc: dict) -> str:

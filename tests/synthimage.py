@@ -466,7 +466,7 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
             b = o - n_real + 1
             L = 5
             # Always the rel32 form (as would relax a near jmp to rel8).
-            lines.append(f"661: .byte 0xe9; .long lf_test_{b} - . - 4")
+            lines.append(f"661: {{disp32}} jmp lf_test_{b}")
             kinds = ["branch0"] + ["branchT" if k == b else "empty" for k in range(1, nb + 1)]
         head = generic_len if o < n_real else 5
         if L > head:
