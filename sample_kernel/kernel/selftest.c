@@ -104,8 +104,9 @@ static void expect(int cond, const char *fmt, ...)
 	va_end(ap);
 }
 
-/* Run `op` once, from C or from its assembler site. */
-static unsigned long do_op(int op, unsigned long a0, unsigned long a1)
+/* Run `op` once, from C or from its assembler site. Not inlined: every op
+ * has exactly one C site here (tests find and corrupt one of them). */
+static __noinline unsigned long do_op(int op, unsigned long a0, unsigned long a1)
 {
 	if (pass) {
 		int i;

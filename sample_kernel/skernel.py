@@ -1,0 +1,139 @@
+"""Build, patch and boot the sample kernel; parse what it prints.
+
+Shared by run_matrix.py and tests/test_sample_kernel.py. Every build goes
+through the real Makefile, every patch through `linkfix patch`, every boot
+through QEMU (TCG) under a time limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent
+REPO = SRC.parent
+ARCHES = ("x86_64", "i386")
+BACKENDS = ("native", "xen", "lguest")
+# one self-test line per op, then the branch sites (spec order)
+OPS = ("irq_disable", "irq_enable", "save_fl", "restore_fl", "read_cr2", "read_cr3",
+       "write_cr3", "set_pte", "flush_tlb", "io_delay", "safe_halt", "backend_is")
+BENCH_OPS = OPS[:10]
+
+# isa-debug-exit: status = (code << 1) | 1
+EXIT_PASS = 33
+EXIT_FAIL = 35
+EXIT_FAULT = 37
+EXIT_MEANING = {EXIT_PASS: "passed", EXIT_FAIL: "op failed", EXIT_FAULT: "CPU exception",
+                0: "triple fault", 124: "timeout"}
+
+QEMU_FLAGS = ("-nodefaults", "-display", "none", "-no-reboot", "-accel", "tcg",
+              "-debugcon", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
+QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "i386": "qemu-system-i386"}
+
+_OP_LINE = re.compile(r"^op (\S+): (ok|FAIL) \((.*)\)$")
+_BENCH_LINE = re.compile(r"^bench (\S+): (\d+)\.(\d\d) insns/op \((\d+) total\)$")
+
+
+def linkfix_command(python: str = sys.executable) -> str:
+    return f"{python} -m linkfix"
+
+
+def env() -> dict[str, str]:
+    """The environment for make and linkfix: this repository's package first."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.pop("V", None)
+    e.pop("MAKEFLAGS", None)
+    return e
+
+
+def make(arch: str, out: Path, *args: str, python: str = sys.executable, jobs: int = 2,
+         src: Path = SRC, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`make -C src ARCH=arch O=out args...` with this interpreter's linkfix."""
+    cmd = ["make", "-C", str(src), "--no-print-directory", f"-j{jobs}", f"ARCH={arch}",
+           f"O={out}", f"LINKFIX={linkfix_command(python)}", f"PYTHON={python}", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env())
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
+    return res
+
+
+def linkfix(*args: str, python: str = sys.executable,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([python, "-m", "linkfix", *args], capture_output=True, text=True,
+                         env=env())
+    if check and res.returncode != 0:
+        raise RuntimeError(f"linkfix {' '.join(args)} failed ({res.returncode}):\n"
+                           f"{res.stdout}{res.stderr}")
+    return res
+
+
+def build_generic(arch: str, out: Path, python: str = sys.executable) -> Path:
+    """Build the unpatched image (LINKFIX_TARGET empty); return vmlinux.generic."""
+    make(arch, out, "LINKFIX_TARGET=", python=python)
+    return out / "vmlinux.generic"
+
+
+def patch(generic: Path, backend: str, out: Path, python: str = sys.executable) -> Path:
+    linkfix("patch", "-q", str(generic), "-o", str(out), "--target", backend, python=python)
+    return out
+
+
+def qemu_available(arch: str = "x86_64") -> bool:
+    return shutil.which(QEMU_BINARY[arch]) is not None
+
+
+@dataclass
+class Boot:
+    """What one boot printed and how QEMU exited."""
+    status: int
+    output: str
+    header: str = ""
+    ops: dict[str, tuple[str, str]] = field(default_factory=dict)  # op -> (ok|FAIL, detail)
+    bench: dict[str, tuple[int, int]] = field(default_factory=dict)  # op -> (insns*100, total)
+
+    @property
+    def passed(self) -> int:
+        return sum(1 for verdict, _ in self.ops.values() if verdict == "ok")
+
+    @property
+    def ok(self) -> bool:
+        return (self.status == EXIT_PASS and self.passed == len(OPS)
+                and set(self.ops) == set(OPS))
+
+    def op_lines(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith("op ")]
+
+    def meaning(self) -> str:
+        return EXIT_MEANING.get(self.status, "unexpected status")
+
+
+def parse(status: int, output: str) -> Boot:
+    boot = Boot(status, output)
+    for line in output.splitlines():
+        if line.startswith(("selftest: arch=", "bench: arch=")):
+            boot.header = line
+        m = _OP_LINE.match(line)
+        if m:
+            boot.ops[m.group(1)] = (m.group(2), m.group(3))
+        m = _BENCH_LINE.match(line)
+        if m:
+            boot.bench[m.group(1)] = (int(m.group(2)) * 100 + int(m.group(3)), int(m.group(4)))
+    return boot
+
+
+def boot(image: Path, arch: str, append: str = "", icount: bool = False,
+         timeout: int = 60) -> Boot:
+    """Boot `image` under QEMU TCG (under `timeout`); parse its debug console."""
+    cmd = ["timeout", str(timeout), QEMU_BINARY[arch], *QEMU_FLAGS, "-kernel", str(image)]
+    if append:
+        cmd += ["-append", append]
+    if icount:
+        cmd += ["-icount", "shift=0,sleep=off"]
+    res = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    return parse(res.returncode, res.stdout + res.stderr)
