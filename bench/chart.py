@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import usersites
 from pressure import VARIANTS as PRESSURE_VARIANTS
 from pressure import WORKLOADS as PRESSURE_WORKLOADS
@@ -11,7 +13,8 @@ from ring0 import CONFIG_TITLES, CONFIGS, LINUX_PV_OVERHEAD_PCT, TARGET_OVERHEAD
 
 def _missing(ax, title: str, why: str) -> None:  # noqa: ANN001
     ax.set_title(title)
-    ax.text(0.5, 0.5, why, ha="center", va="center", wrap=True, fontsize=9,
+    why = textwrap.fill(why[:600], 60)
+    ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=8,
             transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -184,6 +184,8 @@ def _ring0(res: Results) -> list[str]:
     if r0 is None or not r0.available:
         why = res.errors.get("ring0") or (r0.why if r0 else "not run")
         return out + [f"Not measured: {why}", ""]
+    if "ring0" in res.errors:
+        out += [f"Partly measured: {res.errors['ring0']}", ""]
     out += r0.markdown()
     return out + [""]
 
@@ -245,18 +247,25 @@ def _sites(res: Results) -> list[str]:
 
 def _sites_notes(r: ArchResult) -> list[str]:
     out = []
-    ip, ii = r.net_instr("lfpatched_save_fl"), r.net_instr("inline_save_fl")
-    if ip is not None and ii is not None and ip > ii:
-        out.append(f"* save_fl, patched vs inline: {ip - ii:.2f} more instructions per site: "
-                   "the long NOP (one instruction, no work) and, because the op returns in "
-                   f"{'%rax' if r.arch == 'x86_64' else '%eax'} while the hand-written "
-                   "`pushf; pop %0` lets the compiler pick any register, a `mov` where this "
-                   "loop keeps eight results live at once.")
+    ip, ii, ia = (r.net_instr(f"{k}_save_fl") for k in ("lfpatched", "inline", "inlinea"))
+    if ip is not None and ii is not None and ia is not None:
+        reg = "%rax" if r.arch == "x86_64" else "%eax"
+        out.append(f"* save_fl, patched vs hand-inline: {ip - ii:+.2f} instructions per site, "
+                   f"of which {ip - ia:+.2f} is the padding (patched vs *inlinea*, the same "
+                   f"instruction with its result in {reg}: a long NOP, one instruction that "
+                   f"does no work) and {ia - ii:+.2f} the fixed result register (a `mov` out "
+                   f"of {reg}, because this loop keeps eight results live at once; the "
+                   "hand-written `pushf; pop %0` lets the compiler pick the register).")
     tp, ti = r.net_ticks("lfpatched_c_func"), r.net_ticks("inline_c_func")
     if tp is not None and ti is not None:
         out.append(f"* C function, patched vs a plain C call: {tp - ti:+.2f} ticks per call: "
                    "the callee-save thunk pushes and pops every caller-saved register so the "
-                   "site clobbers nothing; what the caller gains from that is part 3.")
+                   "site clobbers nothing (Linux's callee-save thunks cost the same: *linux6*);"
+                   " what the caller gains from that is part 3.")
+    a, b = r.net_ticks("lfpatched_save_fl"), r.net_ticks("lfmodel_save_fl")
+    if a and b:
+        out.append(f"* Noise: *lfpatched* and *lfmodel* run byte-identical sites; they differ by "
+                   f"{abs(b / a - 1) * 100:.1f} % (save_fl) here.")
     return out + ([""] if out else [])
 
 

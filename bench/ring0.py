@@ -37,6 +37,7 @@ CONFIG_TITLES = {
 @dataclass
 class Ring0Result:
     available: bool = False
+    failed: bool = False  # the bench target exists but did not work
     why: str = ""
     # arch -> config -> op -> guest instructions per op
     per_op: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -145,6 +146,7 @@ def measure(quick: bool) -> Ring0Result:
         parse(out, res)
     res.available = bool(res.per_op or res.workload)
     if errors:
+        res.failed = True
         res.why = "; ".join(errors)
     elif not res.available:
         res.why = "`make bench` printed nothing this parser understands."

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def do_ring0() -> None:
         res.ring0 = ring0.measure(args.quick)
+        if res.ring0.failed:
+            raise BenchError(res.ring0.why)
         if not res.ring0.available:
             print(f"bench: ring0: not available: {res.ring0.why}", flush=True)
 

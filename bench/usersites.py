@@ -280,7 +280,7 @@ def measure(arch: str, quick: bool) -> ArchResult:
                 res.sizes[f"{s.key}_{op}"] = asm_len(arch, text, workdir)
 
     all_variants = run([b.binary, "list"], log=False).stdout.split()
-    n, repeats, procs = (30_000, 3, 1) if quick else (200_000, 10, 3)
+    n, repeats, procs = (30_000, 3, 1) if quick else (200_000, 20, 5)
     _time(b.binary, n, repeats, procs, all_variants, {}, res)
     lf_loops = [f"lfgen_{op}" for op in OPS]
     as_patched = {f"lfgen_{op}": f"lfpatched_{op}" for op in OPS}
