@@ -182,6 +182,11 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
     if ops[n_ops - n_backends:] != branch:
         raise BadInput(path, f"{layout.META_SECTION}: the last {n_backends} ops must be "
                              f"{', '.join(branch)}")
+    one = names_at + names_size
+    one += -one % 4
+    if len(data) >= one + 8:
+        raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes where one header takes "
+                             f"{one}: more than one linkfix header linked into the image?")
     op_state = tuple(data[layout.META_STATE_OFFSET:names_at])
     if target > n_backends or patched > 1 or reserved or any(s > n_backends for s in op_state):
         raise BadInput(path, f"{layout.META_SECTION}: corrupt state record "

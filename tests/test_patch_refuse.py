@@ -239,3 +239,25 @@ def test_layout_constants_match_format() -> None:
     # The tests above poke fields by offset: keep them honest.
     assert layout.site_rec_size(3) == 40
     assert layout.STATE_OFFSET == 24
+
+
+def test_two_headers_are_refused(tmp_path: Path) -> None:
+    im = Image(tmp_path)
+    meta = im.t.meta_region
+    # Claim a meta section twice as long (as if two thunk objects were linked).
+    sec = im.img.section(layout.META_SECTION)
+    assert sec is not None
+    shoff = struct.unpack_from("<Q", im.data, 0x28)[0]
+    entry = shoff + sec.index * 64
+    im.put(entry + 32, "<Q", meta.size * 2)
+    out = tmp_path / "out"
+    refused(patch(im.write(), out), out, "more than one linkfix header")
+
+
+def test_image_without_sites_is_patched(tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    si.build_fast(str(path), 0, 64, site_ops=[])
+    out = tmp_path / "out"
+    r = patch(path, out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() != path.read_bytes()  # only the state record
