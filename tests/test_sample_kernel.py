@@ -269,3 +269,13 @@ def test_bench_counts_instructions(images) -> None:
     assert generic.bench["irq_disable"][0] > 1000
     again = skernel.boot(im.patched["native"], "x86_64", append="bench", icount=True)
     assert again.bench == patched.bench
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_fault_is_reported(images, arch: str) -> None:
+    """An unexpected exception prints its vector and address and exits with 37."""
+    boot = skernel.boot(images(arch).generic, arch, append="fault")
+    assert boot.status == skernel.EXIT_FAULT, boot.output
+    assert "FAULT: exception 14, error code 0x0," in boot.output
+    assert "cr2 0x401ff000" in boot.output
+    assert not boot.ops

@@ -34,6 +34,11 @@ void kmain(unsigned long magic, unsigned long info)
 	if (linkfix_backend_is(xen))
 		xen_pin_table(paging_root(0) >> 12, sizeof(long) == 8 ? 4 : 2);
 
+	/* `fault`: touch an unmapped page; the #PF handler must report it and
+	 * exit with EXIT_FAULT (checks the exception path itself). */
+	if (cmdline_has(cmdline, "fault"))
+		(void)*(volatile unsigned long *)(TEST_VA + 0x1ff000);
+
 	if (cmdline_has(cmdline, "bench")) {
 		bench();
 		qemu_exit(EXIT_PASS);
