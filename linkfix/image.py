@@ -90,9 +90,16 @@ class Reloc:
 
 @dataclass(frozen=True)
 class RelocTable:
-    section: Section | None  # None for a load-time table found through PT_DYNAMIC only
+    """A link-time relocation section; entries are decoded on demand, by address range."""
+
+    image: Image
+    section: Section
     rela: bool
-    entries: tuple[Reloc, ...]
+
+    def entries_in(self, lo: int, hi: int) -> list[Reloc]:
+        """Entries whose r_offset lies in [lo, hi) (a kernel has millions of them)."""
+        return self.image._reloc_entries(self.section.offset, self.section.size, self.rela,
+                                         lo, hi)
 
 
 class Image:
@@ -283,19 +290,19 @@ class Image:
 
     # -- relocations -----------------------------------------------------------------------
 
-    def _reloc_entries(self, off: int, size: int, rela: bool) -> tuple[Reloc, ...]:
-        if self.bits == 64:
-            fmt = struct.Struct("<QQq" if rela else "<QQ")
-        else:
-            fmt = struct.Struct("<IIi" if rela else "<II")
+    def _reloc_entries(self, off: int, size: int, rela: bool, lo: int = 0,
+                       hi: int = 1 << 64) -> list[Reloc]:
+        fmt = self.reloc_struct(rela)
         self._check_range("relocation table", off, size)
-        out = []
+        raw = self.data[off:off + size - size % fmt.size]
         shift, mask = (32, 0xFFFFFFFF) if self.bits == 64 else (8, 0xFF)
-        for i in range(size // fmt.size):
-            ent = fmt.unpack_from(self.data, off + i * fmt.size)
-            addend = ent[2] if rela else 0
-            out.append(Reloc(off + i * fmt.size, ent[0], ent[1] & mask, ent[1] >> shift, addend))
-        return tuple(out)
+        out = []
+        for i, ent in enumerate(fmt.iter_unpack(raw)):
+            if lo <= ent[0] < hi:
+                addend = ent[2] if rela else 0
+                out.append(Reloc(off + i * fmt.size, ent[0], ent[1] & mask, ent[1] >> shift,
+                                 addend))
+        return out
 
     def reloc_struct(self, rela: bool) -> struct.Struct:
         if self.bits == 64:
@@ -311,8 +318,7 @@ class Image:
         out = []
         for sec in self.sections:
             if sec.type in (SHT_RELA, SHT_REL) and not sec.flags & SHF_ALLOC and sec.info:
-                rela = sec.type == SHT_RELA
-                out.append(RelocTable(sec, rela, self._reloc_entries(sec.offset, sec.size, rela)))
+                out.append(RelocTable(self, sec, sec.type == SHT_RELA))
         return tuple(out)
 
     def _dynamic_tags(self) -> dict[int, int]:

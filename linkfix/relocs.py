@@ -46,9 +46,9 @@ def type_name(machine: int, typ: int) -> str:
 class _Table:
     """One static relocation table, indexed by r_offset."""
 
-    def __init__(self, rt: RelocTable) -> None:
+    def __init__(self, rt: RelocTable, lo: int, hi: int) -> None:
         self.rt = rt
-        live = sorted(rt.entries, key=lambda r: (r.offset, r.slot))
+        live = sorted(rt.entries_in(lo, hi), key=lambda r: (r.offset, r.slot))
         self.offsets = [r.offset for r in live]
         self.entries = live
 
@@ -66,7 +66,7 @@ def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
     statics = img.static_relocs
     if not dyn and not statics:
         return 0
-    site_tables, repl_table = _static_tables(t, statics)
+    site_tables, repl_table = _static_tables(sp, statics)
     chk = sp.chk
     rewritten = 0
     for i in range(t.n_sites):
@@ -99,7 +99,7 @@ def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
         absolute = [r for r in body_relocs if r.type not in pcrel]
         if len(absolute) > len(owned):
             what = ", ".join(type_name(img.machine, r.type) for r in absolute)
-            where = table.rt.section.name if table and table.rt.section else \
+            where = table.rt.section.name if table else \
                 f"no relocation section for {sec.name if sec else '?'}"
             raise site_error(t, i, f"alternative {t.alt_name(k)} needs {len(absolute)} "
                                    f"absolute relocation(s) ({what}) but the site owns "
@@ -143,27 +143,33 @@ def _refuse_dynamic(t: Tables, i: int, dyn: list[int], lo: int, size: int, what:
                                "patching it would be undone or corrupted by the loader")
 
 
-def _static_tables(t: Tables, statics: tuple[RelocTable, ...]
+def _static_tables(sp: Splicer, statics: tuple[RelocTable, ...]
                    ) -> tuple[dict[int, _Table], _Table | None]:
+    t, chk = sp.t, sp.chk
     img = t.image
+    # Only entries that can matter are decoded: those in the span of the sites and
+    # those in .linkfix.repl.
+    sites = chk.site_addrs
+    lo = min(sites, default=0)
+    hi = max((s + sp.shape_of(i).site_len for i, s in enumerate(sites)), default=0)
+    repl = t.repl_region
+    repl_sec = img.section_at(repl.vaddr) if repl is not None and repl.size else None
     by_target: dict[int, _Table] = {}
-    for rt in statics:
-        assert rt.section is not None
-        if rt.section.info in by_target:
-            raise BadInput(img.path, f"two relocation sections for section index "
-                                     f"{rt.section.info}")
-        by_target[rt.section.info] = _Table(rt)
     repl_table = None
-    if t.repl_region is not None and t.repl_region.size:
-        sec = img.section_at(t.repl_region.vaddr)
-        if sec is not None:
-            repl_table = by_target.get(sec.index)
+    for rt in statics:
+        index = rt.section.info
+        if index in by_target or (repl_table and repl_sec and index == repl_sec.index):
+            raise BadInput(img.path, f"two relocation sections for section index {index}")
+        if repl_sec is not None and index == repl_sec.index:
+            assert repl is not None
+            repl_table = _Table(rt, repl.vaddr, repl.vaddr + repl.size)
+        else:
+            by_target[index] = _Table(rt, lo, hi)
     return by_target, repl_table
 
 
 def _check_compatible(t: Tables, i: int, site: _Table, repl: _Table) -> None:
     a, b = site.rt, repl.rt
-    assert a.section is not None and b.section is not None
     if a.rela != b.rela or a.section.link != b.section.link:
         raise site_error(t, i, f"relocation sections {a.section.name} and {b.section.name} "
                                "differ in kind or symbol table; cannot move relocations")

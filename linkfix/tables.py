@@ -222,7 +222,7 @@ class Checked:
     t: Tables
     shapes: dict[bytes, Shape]  # shape key -> decoded shape
     shape_key: struct.Struct  # unpacks one shape key per record from `zeroed`
-    zeroed: bytearray  # the sites section with every address field zeroed
+    zeroed: bytearray  # the sites section with the body address fields zeroed
     site_addrs: list[int] = field(default_factory=list)  # per record
     exec_seg: Segment | None = None  # the one executable segment holding every site
     body_segs: list[Segment | None] = field(default_factory=list)  # per k, when all in one
@@ -268,10 +268,11 @@ def check_records(t: Tables) -> Checked:
     ints = mv.cast("i")
     rw = rs // 4
 
-    # Shapes: zero the address fields with strided slice assignments (C speed).
+    # Shapes: zero the body address fields with strided slice assignments (C speed);
+    # the key skips the site field.
     zeroed = bytearray(raw)
     blank = bytes(n)
-    for fld in range(0, 8 * (na + 1), 8):
+    for fld in range(8, 8 * (na + 1), 8):
         for b in range(4):
             zeroed[fld + b::rs] = blank
     shape_key = struct.Struct(f"4x{rs - 4}s")
@@ -438,7 +439,7 @@ def _check_body_ranges(t: Tables, k: int, col: memoryview, blens: bytes) -> Segm
         hi_i = min(n, lo_i + _BLOCK)
         if not any(blens[lo_i:hi_i]):
             continue
-        block = col[lo_i:hi_i]
+        block = col[lo_i:hi_i].tolist()
         lo = start + lo_i * rs + min(block)
         hi = start + (hi_i - 1) * rs + max(block) + 255
         if inside(seg, lo, hi):

@@ -78,7 +78,7 @@ def selection_args(draw: st.DrawFn, ops: tuple[si.SynthOp, ...]) -> list[str]:
     return args
 
 
-SETTINGS = settings(max_examples=40, deadline=None,
+SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
