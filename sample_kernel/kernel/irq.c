@@ -15,9 +15,14 @@ volatile unsigned long timer_irqs;
 volatile unsigned long events_taken;
 
 /* Remap IRQ 0-15 to vectors 0x20-0x2f and mask all of them: nothing but the
- * self-test's own PIT one-shot ever interrupts this kernel. */
+ * self-test's own PIT one-shot ever interrupts this kernel. The BIOS left the
+ * PIT running periodically, and its edges latch in the PIC even while masked:
+ * switch it to one-shot mode and take that last interrupt, so that afterwards
+ * each pit_oneshot() causes exactly one interrupt. */
 void pic_init(void)
 {
+	long n;
+
 	outb(0x11, PIC1_CMD);
 	outb(0x11, PIC2_CMD);
 	outb(VEC_TIMER, PIC1_DATA);
@@ -28,6 +33,17 @@ void pic_init(void)
 	outb(1, PIC2_DATA);
 	outb(0xff, PIC1_DATA);
 	outb(0xff, PIC2_DATA);
+
+	pit_oneshot(1);
+	for (n = 0; n < 1000000 && !pic_timer_pending(); n++)
+		;
+	pic_unmask_timer(1);
+	raw_sti();
+	for (n = 0; n < 1000000 && !timer_irqs; n++)
+		barrier();
+	raw_cli();
+	pic_unmask_timer(0);
+	timer_irqs = 0;
 }
 
 void pic_unmask_timer(int on)

@@ -237,7 +237,8 @@ static void t_irq_enable(void)
 		expect(arm_pending_timer(), "could not make IRQ0 pending");
 		do_op(OP_IRQ_ENABLE, 0, 0);
 		expect(hw_if(), "IF not set");
-		expect(wait_timer(t0), "pending timer interrupt not taken");
+		expect(wait_timer(t0) && timer_irqs == t0 + 1, "%lu timer interrupt(s), expected 1",
+		       timer_irqs - t0);
 		say("IF 0 -> 1, pending timer interrupt taken");
 		break;
 	case LINKFIX_BACKEND_XEN:
