@@ -37,6 +37,7 @@ QEMU_BINARY = {"x86_64": "qemu-system-x86_64", "i386": "qemu-system-i386"}
 
 _OP_LINE = re.compile(r"^op (\S+): (ok|FAIL) \((.*)\)$")
 _BENCH_LINE = re.compile(r"^bench (\S+): (\d+)\.(\d\d) insns/op \((\d+) total\)$")
+_WORKLOAD_LINE = re.compile(r"^bench workload: (\d+) insns \((\d+) iterations\)$")
 
 
 def linkfix_command(python: str = sys.executable) -> str:
@@ -96,6 +97,7 @@ class Boot:
     header: str = ""
     ops: dict[str, tuple[str, str]] = field(default_factory=dict)  # op -> (ok|FAIL, detail)
     bench: dict[str, tuple[int, int]] = field(default_factory=dict)  # op -> (insns*100, total)
+    workload: int | None = None  # instructions of the whole workload loop
 
     @property
     def passed(self) -> int:
@@ -124,6 +126,9 @@ def parse(status: int, output: str) -> Boot:
         m = _BENCH_LINE.match(line)
         if m:
             boot.bench[m.group(1)] = (int(m.group(2)) * 100 + int(m.group(3)), int(m.group(4)))
+        m = _WORKLOAD_LINE.match(line)
+        if m:
+            boot.workload = int(m.group(1))
     return boot
 
 
