@@ -115,6 +115,9 @@ class Image:
             raise BadInput(path, f"unknown ELF class {data[4]}")
         if data[5] != 1:
             raise BadInput(path, "not a little-endian ELF file")
+        if len(data) < (64 if cls == 64 else 52):
+            raise BadInput(path, f"ELF header truncated ({len(data)} bytes, ELF{cls} needs "
+                                 f"{64 if cls == 64 else 52})")
         self.bits = cls
         self.w = "Q" if cls == 64 else "I"
         if cls == 64:
@@ -130,6 +133,11 @@ class Image:
         if self.etype not in (ET_EXEC, ET_DYN):
             raise BadInput(path, f"e_type {self.etype}: a linked executable (ET_EXEC or "
                                  "ET_DYN) is required")
+        # File ranges of the headers themselves: nothing linkfix writes may land there.
+        self.header_ranges = (("the ELF header", 0, 64 if cls == 64 else 52),
+                              ("the program header table", phoff, phentsize * phnum),
+                              ("the section header table", shoff if shnum else 0,
+                               shentsize * shnum if shoff else 0))
         self.segments = self._segments(phoff, phentsize, phnum)
         self.loads = tuple(s for s in self.segments if s[0] == PT_LOAD)
         self.load_segments = tuple(
@@ -188,6 +196,30 @@ class Image:
                 self._check_range(f"section {label}", off, size)
             out.append(Section(i, label, typ, flags, addr, off, size, link, info, ent))
         return tuple(out)
+
+    def guarded_ranges(self) -> list[tuple[str, int, int]]:
+        """(what, file offset, size) of everything a site must never overlap.
+
+        The ELF, program and section headers, and every section not loaded
+        (symbols, strings, relocations, debug information): a site's bytes lie
+        in allocated code, so overlapping one of these means the tables are corrupt,
+        and patching would overwrite the structures the output is read by.
+        """
+        out = [r for r in self.header_ranges if r[2] > 0]
+        for s in self.sections:
+            if s.index and s.size and s.type != SHT_NOBITS and not s.flags & SHF_ALLOC:
+                out.append((f"section {s.name or '#' + str(s.index)}", s.offset, s.size))
+        return out
+
+    def file_to_vaddr_ranges(self, off: int, size: int) -> list[tuple[int, int]]:
+        """Every [vaddr, vaddr_end) at which PT_LOAD segments map file bytes [off, off+size)."""
+        out = []
+        for seg in self.load_segments:
+            lo = max(off, seg.offset)
+            hi = min(off + size, seg.offset + seg.filesz)
+            if lo < hi:
+                out.append((lo - seg.offset + seg.vaddr, hi - seg.offset + seg.vaddr))
+        return out
 
     # -- addresses -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ first offending site.
 
 from __future__ import annotations
 
+import bisect
 import operator
 import struct
 from collections import Counter
@@ -208,8 +209,34 @@ def load(img: Image) -> Tables:
                                  f"multiple of the {rec_size}-byte record")
     if sites_r.vaddr % 4:
         raise BadInput(img.path, f"{layout.SITES_SECTION}: not 4-byte aligned")
+    _check_table_placement(img, meta_r, sites_r, repl_r)
     return Tables(img, meta, meta_r, sites_r, repl_r, sites_r.size // rec_size, rec_size,
                   layout.site_struct(len(meta.backends)))
+
+
+def table_ranges(meta_r: Region, sites_r: Region, repl_r: Region | None
+                 ) -> list[tuple[str, int, int]]:
+    """(name, file offset, size) of every non-empty table."""
+    out = [(layout.META_SECTION, meta_r.offset, meta_r.size),
+           (layout.SITES_SECTION, sites_r.offset, sites_r.size)]
+    if repl_r is not None:
+        out.append((layout.REPL_SECTION, repl_r.offset, repl_r.size))
+    return [r for r in out if r[2]]
+
+
+def _check_table_placement(img: Image, meta_r: Region, sites_r: Region,
+                           repl_r: Region | None) -> None:
+    """The tables do not overlap each other, the ELF headers or unloaded sections.
+
+    `patch` writes the state record in .linkfix.meta while reading the other
+    tables: overlapping structures would make the output disagree with itself.
+    """
+    mine = table_ranges(meta_r, sites_r, repl_r)
+    for j, (name, off, size) in enumerate(mine):
+        for other, o_off, o_size in mine[j + 1:] + img.guarded_ranges():
+            if off < o_off + o_size and o_off < off + size:
+                raise BadInput(img.path, f"{name} (file offset {off:#x}, {size} bytes) "
+                                         f"overlaps {other}")
 
 
 # -- record validation -----------------------------------------------------------------------
@@ -395,12 +422,36 @@ def _check_site_ranges(t: Tables, sites: list[int], lens: bytes) -> Segment | No
                 raise site_error(t, b, f"overlaps the site at {sites[a]:#x}")
         lo, hi = sites[order[0]], sites[order[-1]] + lens[order[-1]]
     seg = img.load_for(lo, hi - lo, executable=True)
-    if seg is not None:
-        return seg
-    for i, (s, n) in enumerate(zip(sites, lens, strict=True)):
-        if img.load_for(s, n, executable=True) is None:
-            raise site_error(t, i, _where(img, s, n))
-    return None
+    if seg is None:
+        for i, (s, n) in enumerate(zip(sites, lens, strict=True)):
+            if img.load_for(s, n, executable=True) is None:
+                raise site_error(t, i, _where(img, s, n))
+    _check_sites_clear(t, sites, lens, lo, hi)
+    return seg
+
+
+def _check_sites_clear(t: Tables, sites: list[int], lens: bytes, lo: int, hi: int) -> None:
+    """No site overlaps the tables, the ELF headers or an unloaded section.
+
+    Checked on file bytes (a range may be mapped by several segments): patching
+    such a site would overwrite what the output is read by. Sites are known to
+    be disjoint; the few guarded ranges are located among them by bisection.
+    """
+    img = t.image
+    guarded = table_ranges(t.meta_region, t.sites_region, t.repl_region) + img.guarded_ranges()
+    hits = [(what, a, b) for what, off, size in guarded
+            for a, b in img.file_to_vaddr_ranges(off, size) if a < hi and lo < b]
+    if not hits:
+        return
+    order = sorted(range(len(sites)), key=sites.__getitem__)
+    starts = [sites[i] for i in order]
+    for what, a, b in hits:
+        j = bisect.bisect_right(starts, a) - 1
+        for c in (j, j + 1):
+            if 0 <= c < len(order):
+                i = order[c]
+                if sites[i] < b and a < sites[i] + lens[i]:
+                    raise site_error(t, i, f"lies in {what}")
 
 
 def _where(img: Image, vaddr: int, size: int) -> str:
@@ -417,18 +468,22 @@ _BLOCK = 4096
 
 
 def _check_body_ranges(t: Tables, k: int, col: memoryview, blens: bytes) -> Segment | None:
-    """Every non-empty body of alternative k inside a PT_LOAD's file bytes.
+    """Every non-empty body of alternative k inside a PT_LOAD's file bytes and .linkfix.repl.
 
     Body i is at start + i*rec_size + col[i]. Per block of records, the
     column's min and max (C speed, no per-record arithmetic) bound every body
-    address in the block; only a block whose bounds leave the segment is
-    checked record by record. Returns the segment holding every body when one does.
+    address in the block; only a block whose bounds leave the segment or the
+    table is checked record by record. Returns the segment holding every body
+    when one does. A body outside .linkfix.repl (FORMAT.md) could overlap a site
+    or the state record, which `patch` rewrites.
     """
     img = t.image
     n, rs = t.n_sites, t.rec_size
     start = t.sites_region.vaddr + 8 + 8 * k
     if not any(blens):
         return None
+    r = t.repl_region
+    lo_r, hi_r = (r.vaddr, r.vaddr + r.size) if r is not None else (0, 0)
     seg: Segment | None = None  # the segment every body seen so far lies in
     single = True
 
@@ -437,25 +492,36 @@ def _check_body_ranges(t: Tables, k: int, col: memoryview, blens: bytes) -> Segm
 
     for lo_i in range(0, n, _BLOCK):
         hi_i = min(n, lo_i + _BLOCK)
-        if not any(blens[lo_i:hi_i]):
+        lens = blens[lo_i:hi_i]
+        if not any(lens):
             continue
         block = col[lo_i:hi_i].tolist()
+        if not all(lens):
+            block = list(compress(block, lens))  # absent and empty bodies have no bytes
         lo = start + lo_i * rs + min(block)
         hi = start + (hi_i - 1) * rs + max(block) + 255
-        if inside(seg, lo, hi):
+        in_repl = lo_r <= lo and hi <= hi_r
+        if in_repl and inside(seg, lo, hi):
             continue
-        if seg is None:
+        if in_repl and seg is None:
             seg = img.load_for(lo, hi - lo)
             if seg is not None:
                 continue
         for i in range(lo_i, hi_i):
             a, bl = start + i * rs + col[i], blens[i]
-            if not bl or inside(seg, a, a + bl):
+            if not bl:
                 continue
-            found = img.load_for(a, bl)
-            if found is None:
+            if not inside(seg, a, a + bl):
+                found = img.load_for(a, bl)
+                if found is None:
+                    raise site_error(t, i, f"alternative {t.alt_name(k)}: body at {a:#x} "
+                                           f"({bl} bytes) is not in the file bytes of any "
+                                           "PT_LOAD")
+                single = single and seg is None
+                seg = found
+            if not lo_r <= a <= hi_r - bl:
+                where = f"outside {layout.REPL_SECTION}" if r is not None else \
+                    f"and the image has no {layout.REPL_SECTION}"
                 raise site_error(t, i, f"alternative {t.alt_name(k)}: body at {a:#x} "
-                                       f"({bl} bytes) is not in the file bytes of any PT_LOAD")
-            single = single and seg is None
-            seg = found
+                                       f"({bl} bytes) {where}")
     return seg if single else None
