@@ -11,11 +11,14 @@ from linkfix.tables import Checked, Tables
 
 
 def verbose(args: object) -> bool:
-    return bool(getattr(args, "verbose", False)) or os.environ.get("V") == "1"
+    # An explicit -q wins over V=1 inherited from make's environment.
+    if getattr(args, "verbose", False):
+        return True
+    return os.environ.get("V") == "1" and not getattr(args, "quiet", False)
 
 
 def quiet(args: object) -> bool:
-    return bool(getattr(args, "quiet", False)) and not verbose(args)
+    return bool(getattr(args, "quiet", False)) and not getattr(args, "verbose", False)
 
 
 def command_line() -> str:
