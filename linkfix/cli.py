@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the error contract: a usage error is one line and exit 2."""
 
     def error(self, message: str):  # noqa: ANN201 - NoReturn, as in argparse
-        self.exit(EXIT_BAD_INPUT, f"linkfix: {message} (see '{self.prog} --help')\n")
+        self.exit(EXIT_BAD_INPUT, one_line(f"linkfix: {message} (see '{self.prog} --help')")
+                  + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except LinkfixError as exc:
         if debug:
             traceback.print_exc()
-        print(exc.line(), file=sys.stderr)
+        print(one_line(exc.line()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("linkfix: interrupted", file=sys.stderr)
@@ -107,8 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the contract: one line, exit 1
         if debug:
             traceback.print_exc()
-        print(f"linkfix: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(one_line(f"linkfix: internal error: {type(exc).__name__}: {exc}"),
+              file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def one_line(text: str) -> str:
+    """`text` with every unprintable character escaped: names read from a corrupt
+    image (or a path) must not break the message over several lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _silence_stdout() -> None:

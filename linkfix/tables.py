@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+import re
 import struct
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from linkfix import layout
 from linkfix.errors import BadInput
 from linkfix.image import Image, Segment
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 META_START, META_END = "__linkfix_meta_start", "__linkfix_meta_end"
 SITES_START, SITES_END = "__linkfix_sites_start", "__linkfix_sites_end"
 REPL_START, REPL_END = "__linkfix_repl_start", "__linkfix_repl_end"
@@ -175,6 +177,11 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
         raise BadInput(path, f"{layout.META_SECTION}: {len(names)} names, expected "
                              f"{n_backends + n_ops}")
     backends, ops = tuple(names[:n_backends]), tuple(names[n_backends:])
+    # Backends and real ops are C identifiers (docs/SPEC.md); anything else is corruption.
+    bad = next((n for n in (*backends, *ops[:n_ops - n_backends]) if not _IDENT.fullmatch(n)),
+               None)
+    if bad is not None:
+        raise BadInput(path, f"{layout.META_SECTION}: name {bad!r} is not a C identifier")
     if len(set(backends)) != n_backends or "generic" in backends or "" in backends:
         raise BadInput(path, f"{layout.META_SECTION}: bad backend names {list(backends)}")
     if len(set(ops)) != n_ops or "" in ops:
