@@ -279,3 +279,14 @@ def test_fault_is_reported(images, arch: str) -> None:
     assert "FAULT: exception 14, error code 0x0," in boot.output
     assert "cr2 0x401ff000" in boot.output
     assert not boot.ops
+
+
+def test_failing_tool_fails_the_build(tree: Path, tmp_path: Path) -> None:
+    # A command that fails inside an `a && b` recipe must stop make, not be ignored.
+    out = tmp_path / "o"
+    res = skernel.make("x86_64", out, "LINKFIX=/nonexistent/linkfix", src=tree, check=False)
+    assert res.returncode != 0
+    assert not (out / "vmlinux").exists()
+    assert not (out / "gen" / ".stamp").exists()
+    # ...and must not record the command as done, or the next make would skip it.
+    assert not (out / "gen" / "..stamp.cmd").exists()
