@@ -290,3 +290,59 @@ def test_failing_tool_fails_the_build(tree: Path, tmp_path: Path) -> None:
     assert not (out / "gen" / ".stamp").exists()
     # ...and must not record the command as done, or the next make would skip it.
     assert not (out / "gen" / "..stamp.cmd").exists()
+
+
+def _owned_bytes(generic: Path) -> tuple[bytearray, int]:
+    """A mask of the bytes linkfix may change in the sample kernel image, and its site count.
+
+    Sites (from linkfix's own tables), the state record (target, patched, op_state),
+    and the `--emit-relocs` entries whose offset lies inside a site (read with
+    pyelftools, not linkfix's reader).
+    """
+    from elftools.elf.relocation import RelocationSection
+
+    from linkfix import image, tables
+
+    img = image.load(str(generic))
+    t = tables.load(img)
+    chk = tables.check_records(t)
+    data = generic.read_bytes()
+    mask = bytearray(len(data))
+    spans = []
+    for i, addr in enumerate(chk.site_addrs):
+        n = t.shape(i).site_len
+        off = img.offset_of(addr)
+        mask[off:off + n] = b"\1" * n
+        spans.append((addr, addr + n))
+    state = t.meta_region.offset + layout.STATE_OFFSET
+    n_ops = len(t.meta.ops)
+    mask[state:state + 4 + n_ops] = b"\1" * (4 + n_ops)
+    with open(generic, "rb") as f:
+        elf = ELFFile(f)
+        for sec in elf.iter_sections():
+            if not isinstance(sec, RelocationSection) or sec["sh_flags"] & 2:
+                continue
+            size = sec["sh_entsize"]
+            for k, rel in enumerate(sec.iter_relocations()):
+                if any(lo <= rel["r_offset"] < hi for lo, hi in spans):
+                    at = sec["sh_offset"] + k * size
+                    mask[at:at + size] = b"\1" * size
+    return mask, len(spans)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_patch_changes_only_owned_bytes_and_verifies(images, arch: str) -> None:
+    imgs = images(arch)
+    mask, n_sites = _owned_bytes(imgs.generic)
+    assert n_sites > 20
+    orig = imgs.generic.read_bytes()
+    for backend, patched in imgs.patched.items():
+        new = patched.read_bytes()
+        assert len(new) == len(orig)
+        changed = [i for i in range(len(orig)) if orig[i] != new[i]]
+        assert changed, backend
+        stray = [hex(i) for i in changed if not mask[i]]
+        assert stray == [], f"{arch} {backend}: bytes outside linkfix's own changed: {stray[:8]}"
+        assert skernel.linkfix("verify", "-q", str(patched), check=False).returncode == 0
+        assert skernel.linkfix("verify", "-q", str(patched), "--target", backend,
+                               check=False).returncode == 0
