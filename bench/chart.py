@@ -33,7 +33,10 @@ def _ring0(ax, res: Results) -> None:  # noqa: ANN001
         w = r0.totals(arch)
         vals = [(w[c] - w["nopv"]) / w["nopv"] * 100 if c in w else 0 for c in configs]
         label = arch + ("" if r0.measured_workload(arch) else " (op sequence)")
-        ax.bar([x + i * width for x in range(len(configs))], vals, width, label=label)
+        bars = ax.bar([x + i * width for x in range(len(configs))], vals, width, label=label)
+        for bar, v in zip(bars, vals, strict=True):
+            ax.annotate(f"{v:+.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
     ax.axhline(LINUX_PV_OVERHEAD_PCT, color="red", ls="--", lw=1,
                label=f"Linux pvops 2009: +{LINUX_PV_OVERHEAD_PCT} %")
     ax.axhline(TARGET_OVERHEAD_PCT, color="green", ls=":", lw=1,
@@ -42,7 +45,6 @@ def _ring0(ax, res: Results) -> None:  # noqa: ANN001
     ax.set_xticklabels([CONFIG_TITLES.get(c, c).replace(" ", "\n", 1) for c in configs],
                        fontsize=7)
     ax.set_ylabel("% more instructions than no paravirt")
-    ax.set_yscale("symlog", linthresh=1)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
 
@@ -99,6 +101,9 @@ def _postlink(ax, res: Results) -> None:  # noqa: ANN001
         return
     n = [s.sites for s in pl.sizes]
     ax.plot(n, [s.copy.median for s in pl.sizes], "o-", label="cp (floor)")
+    floor = [(s.sites, s.pyfloor.median) for s in pl.sizes if s.pyfloor.median]
+    if floor:
+        ax.plot(*zip(*floor, strict=True), "o:", label="Python per-site loop floor")
     pts = [(s.sites, s.patch.median) for s in pl.sizes if s.patch.median]
     if pts:
         ax.plot(*zip(*pts, strict=True), "o-", label="linkfix patch")

@@ -294,7 +294,9 @@ def _pressure(res: Results) -> list[str]:
            "from `objdump -d` of `hungry()`: *stack ld/st* are instructions with a "
            "`(%rsp)` memory operand (spills and reloads), *callee-saved* the registers the "
            "prologue pushes. *instr/iter* is exact (callgrind, C function and thunks "
-           "included); *ticks/iter* the median TSC ticks per iteration.", ""]
+           "included); *ticks/iter* the median TSC ticks per iteration. On i386 (seven "
+           "allocatable registers for thirteen live values) every variant spills, and the "
+           "time depends on which loop-carried values GCC leaves on the stack.", ""]
     out += [f"* **{v.key}**: {v.title}" for v in PRESSURE_VARIANTS] + [""]
     if "pressure" in res.errors:
         return out + [f"Not measured: {res.errors['pressure']}", ""]
@@ -315,8 +317,32 @@ def _pressure(res: Results) -> list[str]:
         out += _table(["workload", "clobbers", "instructions", "bytes", "stack ld",
                        "stack st", "callee-saved", "instr/iter", "ticks/iter", "vs full"],
                       rows, "llrrrrrrrr")
+        out.append("")
+        out += _pressure_notes(p)
         out += [f"* {n}" for n in p.notes]
         out.append("")
+    return out
+
+
+def _pressure_notes(p: PressureResult) -> list[str]:
+    out = []
+    for w in PRESSURE_WORKLOADS:
+        k = {v.key: f"{w.key}_{v.key}" for v in PRESSURE_VARIANTS}
+        st = {v: p.static[key].stack_loads + p.static[key].stack_stores for v, key in k.items()}
+        t = {v: p.median_ticks(key) for v, key in k.items()}
+        if not all(t.values()):
+            continue
+        line = (f"* {w.key}: linkfix vs full clobbers {(t['linkfix'] / t['full'] - 1) * 100:+.1f}"
+                f" % time, {st['linkfix']} vs {st['full']} stack accesses; linkfix vs %rax-only "
+                f"{(t['linkfix'] / t['rax'] - 1) * 100:+.1f} % time, {st['linkfix']} vs "
+                f"{st['rax']} stack accesses")
+        if st["linkfix"] == st["rax"]:
+            line += (" (the same spill count: the difference is which value GCC keeps on "
+                     "the stack, not the sites)")
+        elif st["linkfix"] > st["rax"]:
+            line += (" (GCC spills more with the freer clobber list here: its allocation "
+                     "heuristics, not the sites)")
+        out.append(line + ".")
     return out
 
 

@@ -44,7 +44,7 @@ class Ring0Result:
     per_op: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # arch -> config -> guest instructions of the whole workload loop
     workload: dict[str, dict[str, float]] = field(default_factory=dict)
-    workload_desc: str = ""
+    workload_iters: dict[str, int] = field(default_factory=dict)
     raw: str = ""
 
     def sequence(self, arch: str, config: str) -> float | None:
@@ -101,14 +101,28 @@ class Ring0Result:
             w = self.totals(arch)
             base = w.get("nopv")
             if self.measured_workload(arch):
-                out += [f"### {arch}: workload loop", "", self.workload_desc, ""]
+                n = self.workload_iters.get(arch)
+                per = f"{base / n:,.0f} instructions per iteration without paravirt; " \
+                    if base and n else ""
+                out += [f"### {arch}: workload loop", "",
+                        "`bench_workload()` in `sample_kernel/kernel/bench.c` (its comment "
+                        "says what an iteration does): "
+                        f"{n or '?'} iterations, {per}exact totals.", ""]
             else:
                 out += [f"### {arch}: one {' + '.join(SEQUENCE)} sequence", "",
                         "The kernel's bench has no workload loop yet: this is the sum of "
                         "the four per-op counts above, the sites alone with no other work "
                         "around them, so every padding NOP weighs as much as it ever can.",
                         ""]
-            rows = [[CONFIG_TITLES.get(c, c), fmt(w[c], 2),
+            if self.measured_workload(arch):
+                n = self.workload_iters.get(arch) or 1
+                rows = [[CONFIG_TITLES.get(c, c), f"{w[c]:,.0f}",
+                         f"{(w[c] - base) / n:+,.2f}" if base else "-",
+                         pct((w[c] - base) / base * 100) if base else "-"] for c in _order(w)]
+                out += _table(["configuration", "instructions", "extra per iteration",
+                               "vs no paravirt"], rows) + [""]
+                continue
+            rows = [[CONFIG_TITLES.get(c, c), f"{w[c]:,.2f}",
                      pct((w[c] - base) / base * 100) if base else "-"] for c in _order(w)]
             out += _table(["configuration", "instructions", "vs no paravirt"], rows) + [""]
         for arch in self.per_op:
@@ -211,3 +225,5 @@ def parse(text: str, res: Ring0Result) -> None:
         m = _WORK.search(line)
         if m:
             res.workload.setdefault(arch, {})[key] = float(m["total"])
+            if m["n"]:
+                res.workload_iters[arch] = int(m["n"])
