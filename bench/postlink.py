@@ -55,6 +55,8 @@ class PostlinkResult:
     import_patch: Timing = field(default_factory=Timing)  # python -c "import linkfix.patch"
     import_lief: Timing = field(default_factory=Timing)
     notes: list[str] = field(default_factory=list)
+    reps: int = 0
+    reps_big: int = 0
 
 
 def _source_hash() -> str:
@@ -131,6 +133,7 @@ def measure(quick: bool) -> PostlinkResult:
     res = PostlinkResult()
     sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
     reps = 3 if quick else 7
+    res.reps, res.reps_big = reps, 3
     out_dir = ensure_dir(os.path.join(BUILD, "postlink"))
     _repeat(res.python_start, [PYTHON, "-c", "pass"], reps)
     _repeat(res.import_patch, [PYTHON, "-c", "import linkfix.patch"], reps)

@@ -358,6 +358,8 @@ def _postlink(res: Results) -> list[str]:
     pl = res.postlink
     if pl is None:
         return out + [f"Not measured: {res.errors.get('postlink', 'not run')}", ""]
+    out += [f"Each time is the median of {pl.reps} runs ({pl.reps_big} for 1,000,000 sites).",
+            ""]
     if pl.python_start.median is not None:
         out += [f"Fixed costs: starting Python (`python -c pass`) "
                 f"{pl.python_start.median * 1000:.0f} ms; `python -c 'import linkfix.patch'` "

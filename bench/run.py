@@ -1,6 +1,6 @@
 """Run every linkfix benchmark and regenerate docs/BENCHMARKS.md and docs/benchmarks.png.
 
-    .venv/bin/python bench/run.py            # the full run (about 5 minutes)
+    .venv/bin/python bench/run.py            # the full run (1-2 minutes)
     .venv/bin/python bench/run.py --quick    # smoke run, written to build/bench/
 
 Parts: ring0 (sample kernel under QEMU -icount), sites (one site in user
@@ -46,7 +46,10 @@ def check_environment() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Run every linkfix benchmark; regenerate docs/BENCHMARKS.md and "
+                    "docs/benchmarks.png.")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: fewer repeats, no 1M-site image; output to build/bench/")
     ap.add_argument("--only", metavar="PARTS",
