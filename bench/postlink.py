@@ -95,11 +95,12 @@ GNU_TIME = "/usr/bin/time"
 
 
 def timed(cmd: list[str], log: bool = True) -> tuple[float, int]:
-    """Wall time of `cmd` as a child process and its peak RSS in KiB.
+    """Wall time of `cmd` as a child process and its peak RSS in KiB (0: unknown).
 
-    The peak comes from GNU time when it is installed: a child forked straight
-    from this (large) Python process would report the parent's RSS at fork time
-    as its own peak. Without it, wait4's rusage (an upper bound) is used.
+    The peak comes from GNU time (Debian package `time`): the rusage of a
+    child spawned straight from this Python process reports this process's own
+    peak as the child's (exec records the old address space's high-water mark,
+    and a vfork child's old address space is ours).
     """
     if log:
         LOG.note(cmd)
@@ -107,18 +108,16 @@ def timed(cmd: list[str], log: bool = True) -> tuple[float, int]:
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
         full = [GNU_TIME, "-f", "%M", "-o", rss.name, *cmd] if use_time else cmd
         t0 = time.perf_counter()
-        proc = subprocess.Popen(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(full, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         elapsed = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             msg = err.read().decode(errors="replace").strip().splitlines()[-3:]
             raise BenchError(f"{' '.join(cmd)}: exit {proc.returncode}: {' | '.join(msg)}")
-        peak = usage.ru_maxrss
+        peak = 0
         if use_time:
             text = rss.read().strip().splitlines()
-            peak = int(text[-1]) if text and text[-1].isdigit() else peak
+            peak = int(text[-1]) if text and text[-1].isdigit() else 0
     return elapsed, peak
 
 

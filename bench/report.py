@@ -392,6 +392,9 @@ def _postlink(res: Results) -> list[str]:
                 f"{slope * 1e6:.2f} us per added site (time = fixed cost + per-site cost; "
                 f"{(b.patch.median / a.patch.median):.1f}x the time for "
                 f"{b.sites / a.sites:.0f}x the sites).", ""]
+    if not any(s.patch.peak_kb for s in pl.sizes):
+        out += ["* No peak memory: GNU time (`/usr/bin/time`, Debian package `time`) is "
+                "not installed."]
     out += [f"* {n}" for n in pl.notes]
     return out + [""]
 
