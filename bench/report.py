@@ -101,6 +101,15 @@ def targets(res: Results) -> list[Target]:
             out.append(Target(f"User space {arch}: patched / hand-inline, {op}, time",
                               f"<= 1.00 + noise ({tol:.2f})", fmt(ratio),
                               None if ratio is None else ratio <= 1 + tol))
+    for arch, p in res.pressure.items():
+        full, lf = p.median_ticks("native_full"), p.median_ticks("native_linkfix")
+        if full and lf:
+            sf, sl = p.static["native_full"], p.static["native_linkfix"]
+            out.append(Target(f"Register pressure {arch}: linkfix vs full C-ABI clobbers, "
+                              "hungry() native workload", "informational",
+                              f"{(lf / full - 1) * 100:+.1f} % time; stack accesses "
+                              f"{sl.stack_loads + sl.stack_stores} vs "
+                              f"{sf.stack_loads + sf.stack_stores}", None))
     pl = res.postlink
     if pl is not None:
         big = next((s for s in pl.sizes if s.sites == 1_000_000), None)
@@ -209,7 +218,9 @@ def _sites(res: Results) -> list[str]:
            "loop per site shape and body, pinned to one CPU (`taskset`), timed with "
            "`lfence; rdtsc`. Three unprivileged bodies: `pushf; pop %rax` (save_fl), "
            "`movl $0, flag` (a store to a flag word: lguest's cli) and a call to a C "
-           "function. *instr/op* is exact (callgrind, loop overhead subtracted). *ticks/op* "
+           "function. *instr/op* is exact (callgrind, loop overhead subtracted). Times are in "
+           "TSC ticks (the constant-rate reference clock; core cycles cannot be counted "
+           "here: no hardware performance counters in this virtual machine). *ticks/op* "
            "is the best (lowest) of all repeats, in TSC ticks per site, minus the empty "
            "loop's best; *median* the same with medians: on this virtual machine some "
            "repeats run ~25 % slow for every variant alike, so the best is the stable "
