@@ -384,15 +384,12 @@ def shape_problem(t: Tables, sh: Shape) -> str | None:
 
 def _check_shapes(t: Tables, chk: Checked) -> None:
     shapes = chk.shapes
-
-    def first(key: bytes) -> int:
-        return next(i for i, k in enumerate(chk.keys()) if k == key)
-
-    bad = [(first(key), msg) for key, sh in shapes.items()
-           if (msg := shape_problem(t, sh)) is not None]
+    bad = {key: msg for key, sh in shapes.items() if (msg := shape_problem(t, sh)) is not None}
     if bad:
-        i, msg = min(bad)
-        raise site_error(t, i, msg)
+        # One pass names the first bad record (a search per bad shape would be
+        # quadratic in a table whose every record is corrupt differently).
+        i, key = next((i, key) for i, key in enumerate(chk.keys()) if key in bad)
+        raise site_error(t, i, bad[key])
     # All sites of one op agree on length and on which alternatives exist.
     per_op: dict[int, set[tuple[int, int]]] = {}
     for sh in shapes.values():
