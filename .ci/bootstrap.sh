@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what linkfix needs on a fresh Debian machine, skipping what is there:
 # QEMU and 32-bit gcc support from Debian, Python packages in ./.venv.
+# With --bench, also what the benchmarks need (valgrind, GNU time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,11 @@ command -v qemu-system-i386 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
   ls /usr/lib/gcc/x86_64-linux-gnu/*/32/libgcc.a >/dev/null 2>&1 || need_apt+=(gcc-multilib)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# --bench: what bench/run.py needs besides (exact instruction counts, peak memory).
+if [ "${1:-}" = "--bench" ]; then
+  command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+  [ -x /usr/bin/time ] || need_apt+=(time)
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo_cmd=()

@@ -23,6 +23,7 @@ from common import BENCH, BUILD, LOG, PYTHON, ROOT, BenchError, ensure_dir, link
 TARGET_1M_S = 2.0
 TARGET_SPEEDUP = 10.0
 NAIVE = os.path.join(BENCH, "naive_lief.py")
+NAIVE_FULL = os.path.join(BENCH, "naive_capstone.py")
 PYFLOOR = os.path.join(BENCH, "pyloop_floor.py")
 
 
@@ -43,6 +44,8 @@ class SizeResult:
     copy: Timing = field(default_factory=Timing)
     patch: Timing = field(default_factory=Timing)
     naive: Timing = field(default_factory=Timing)
+    naive_full: Timing = field(default_factory=Timing)  # lief + capstone per site
+    naive_full_verify: str = "not run"
     pyfloor: Timing = field(default_factory=Timing)
     naive_extrapolated: float | None = None
     verify: str = "not run"
@@ -158,6 +161,14 @@ def measure(quick: bool) -> PostlinkResult:
                 r.verify = f"failed: {exc}"
         if n <= naive_cap:
             _repeat(r.naive, [PYTHON, NAIVE, img, out, "1"], 3 if big else reps)
+        if n <= naive_cap:
+            _repeat(r.naive_full, [PYTHON, NAIVE_FULL, img, out, "1"], 1 if big else 3)
+            # The complete naive pass must produce what linkfix verify accepts.
+            try:
+                timed(linkfix_cmd("verify", out, "--target", "native", "-q"))
+                r.naive_full_verify = "ok"
+            except BenchError as exc:
+                r.naive_full_verify = f"failed: {exc}"
         res.sizes.append(r)
     # A size whose naive run was skipped gets a labelled linear extrapolation
     # from the two largest measured sizes.
