@@ -1,20 +1,22 @@
 """`linkfix gen-stubs SPEC -o OUTDIR`: validate an op spec and render the stubs.
 
 Everything is validated and rendered in memory first; only then is OUTDIR
-created and each file written (atomically, and only if its bytes changed), so
-a bad spec leaves no partial output behind.
+created and the files written: all or none (every changed file is staged as a
+temporary file before the first is renamed into place), and only those whose
+bytes changed, so a bad spec or a full disk leaves no partial output behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from linkfix import body as bodymod
 from linkfix import regcheck, render
 from linkfix.errors import BadInput
-from linkfix.fileio import write_if_changed
+from linkfix.fileio import write_all_if_changed
 from linkfix.measure import MeasureError, measure
 from linkfix.spec import Spec, load
 
@@ -66,12 +68,21 @@ def run(args: argparse.Namespace) -> int:
     outdir = args.output
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise BadInput(outdir, "output exists and is not a directory")
+    created = not os.path.exists(outdir)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
         raise BadInput(outdir, f"cannot create output directory: {exc.strerror}") from None
-    written = [name for name, data in files.items()
-               if write_if_changed(os.path.join(outdir, name), data)]
+    try:
+        # All files or none: a full disk must not leave a header from one spec
+        # next to thunks from another.
+        written = [os.path.basename(p) for p in write_all_if_changed(
+            {os.path.join(outdir, name): data for name, data in files.items()})]
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(outdir)
+        raise
     quiet = getattr(args, "quiet", False)
     verbose = getattr(args, "verbose", False)
     for m in models:
