@@ -9,13 +9,32 @@ leaves every destination as it was.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 
 from linkfix.errors import BadInput
 
 TEMP_PREFIX = ".linkfix-"
 TEMP_SUFFIX = ".tmp"
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of the regular file `path`; raises OSError otherwise.
+
+    A device (/dev/zero) or a FIFO would be read forever or block: refused with
+    EINVAL "not a regular file". O_NONBLOCK keeps open() itself from waiting for
+    a FIFO's writer; it changes nothing for a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return f.read()
 
 
 def write_atomic(path: str, data: bytes, mode: int | None = None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from linkfix.errors import BadInput
+from linkfix.fileio import read_regular
 
 EM_386 = 3
 EM_X86_64 = 62
@@ -420,8 +421,7 @@ class Image:
 
 def load(path: str) -> Image:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path)
     except OSError as exc:
         raise BadInput(path, f"cannot read: {exc.strerror}") from None
     return Image(path, data)

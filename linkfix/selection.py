@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass
 
 from linkfix.errors import BadInput
+from linkfix.fileio import read_regular
 from linkfix.layout import Meta
 
 
@@ -39,10 +40,11 @@ def _op_index(meta: Meta, name: str, where: str, path: str | None) -> int:
 
 def _load_policy(path: str) -> tuple[str | None, dict[str, str]]:
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        doc = tomllib.loads(read_regular(path).decode("utf-8"))
     except OSError as exc:
         raise BadInput(path, f"cannot read policy: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(path, f"policy is not UTF-8 (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(path, f"policy is not valid TOML: {exc}") from None
     unknown = set(doc) - {"target", "ops"}

@@ -16,6 +16,7 @@ from typing import Any
 
 from linkfix.arch import ARCHES, Arch
 from linkfix.errors import BadInput
+from linkfix.fileio import read_regular
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -118,8 +119,7 @@ class _Checker:
 def load(path: str) -> Spec:
     """Read and validate the spec at `path`."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(path)
     except FileNotFoundError:
         raise BadInput(path, "spec file not found") from None
     except IsADirectoryError:
