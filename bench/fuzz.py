@@ -133,6 +133,9 @@ def describe(name: str, data: bytes) -> Seed:
     for sec in img.sections:
         if sec.type in (image.SHT_RELA, image.SHT_REL) and sec.size:
             relocs.append((sec.offset, sec.size, sec.type == image.SHT_RELA))
+        if sec.name in (".debug_line", ".debug_info", ".debug_abbrev", ".debug_line_str",
+                        ".debug_str") and sec.size:
+            regions[sec.name] = (sec.offset, sec.size)  # read by `inspect` (pyelftools)
         if sec.type == image.SHT_SYMTAB:
             regions["symtab"] = (sec.offset, sec.size)
             ent = 24 if w64 else 16
@@ -215,8 +218,8 @@ def genstubs_image(arch: str, work: str) -> str:
         f.write(_USES_C)
     with open(os.path.join(work, "image.lds"), "w") as f:
         f.write(_LINK_LDS)
-    cc = ["gcc", *m, "-O2", "-ffreestanding", "-fno-pic", "-fno-stack-protector", f"-I{gen}",
-          "-c"]
+    cc = ["gcc", *m, "-O2", "-g", "-ffreestanding", "-fno-pic", "-fno-stack-protector",
+          f"-I{gen}", "-c"]
     _sh([*cc, "uses.c", "-o", "uses.o"], work)
     _sh([*cc, os.path.join(gen, "linkfix_ops.c"), "-o", "ops.o"], work)
     _sh(["gcc", m[0], "-c", os.path.join(gen, "linkfix_thunks.S"), "-o", "thunks.o"], work)
@@ -617,19 +620,65 @@ def choose_command(rng: random.Random, seed: Seed, path: str, out: str) -> Case:
         else:
             argv += ["-o", out]
             case.preexisting = rng.random() < 0.2
-        argv += ["--target", rng.choice(backends if rng.random() < 0.97 else ["kvm"])]
+        if rng.random() < 0.9:
+            argv += ["--target", rng.choice(backends if rng.random() < 0.97 else ["kvm"])]
         for _ in range(rng.choice([0, 0, 0, 1, 2])):
-            op = rng.choice(seed.ops)
-            argv += ["--op", f"{op}={rng.choice(backends)}"]
+            argv += ["--op", op_arg(rng, seed)]
+        if rng.random() < 0.12:
+            argv += ["--policy", write_policy(rng, seed, os.path.dirname(out))]
         argv.append("-q")
     elif r < 0.75:
         argv = ["verify", path, "-q"]
         if rng.random() < 0.4:
             argv += ["--target", rng.choice(backends)]
+            for _ in range(rng.choice([0, 0, 1])):
+                argv += ["--op", op_arg(rng, seed)]
+        elif rng.random() < 0.1:
+            argv += ["--policy", write_policy(rng, seed, os.path.dirname(out))]
     else:
         argv = ["inspect", path] + (["--json"] if rng.random() < 0.5 else [])
     case.argv = argv
     return case
+
+
+_ODD_NAMES = ["", "frob", "irq_disable\n", "é", "a=b", "backend_is(kvm)", "generic", "0",
+              "x" * 300]
+
+
+def op_arg(rng: random.Random, seed: Seed) -> str:
+    """An --op argument: mostly valid, sometimes an unknown name or a malformed pair."""
+    op = rng.choice(seed.ops) if rng.random() < 0.85 else rng.choice(_ODD_NAMES)
+    backend = rng.choice([*seed.backends, "generic"]) if rng.random() < 0.85 else \
+        rng.choice(_ODD_NAMES)
+    return rng.choice([f"{op}={backend}"] * 8 + [op, f"={backend}", f"{op}="])
+
+
+def write_policy(rng: random.Random, seed: Seed, directory: str) -> str:
+    """A policy file: valid, wrong in one value or key, not TOML, or not UTF-8."""
+    backends = [*seed.backends, "generic"]
+    lines = []
+    kind = rng.random()
+    if kind < 0.1:
+        raw = rng.randbytes(rng.randint(0, 40))
+    else:
+        if rng.random() < 0.8:
+            lines.append(f'target = "{rng.choice(backends)}"' if rng.random() < 0.8 else
+                         rng.choice(['target = 3', 'target = ["xen"]', 'target = "kvm"',
+                                     "[target]", 'target = "\u0000"']))
+        if rng.random() < 0.7:
+            lines.append("[ops]")
+            for _ in range(rng.randint(0, 3)):
+                op = rng.choice(seed.ops) if rng.random() < 0.8 else rng.choice(_ODD_NAMES)
+                val = f'"{rng.choice(backends)}"' if rng.random() < 0.8 else \
+                    rng.choice(["1", "true", "[]", "{}", '"kvm"', '""'])
+                lines.append(f'"{op.encode("unicode_escape").decode()}" = {val}')
+        if rng.random() < 0.05:
+            lines.append(rng.choice(["colour = 1", "[extra]", "[ops.irq_disable]", "= ="]))
+        raw = "\n".join(lines).encode()
+    path = os.path.join(directory, "policy.toml")
+    with open(path, "wb") as f:
+        f.write(raw)
+    return path
 
 
 class Hang(BaseException):
