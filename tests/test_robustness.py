@@ -338,6 +338,98 @@ def test_table_symbols_end_before_start(tmp_path: Path) -> None:
             "__linkfix_meta_start..__linkfix_meta_end: end before start", out)
 
 
+def test_sites_table_not_aligned(elf: Elf) -> None:
+    out = elf.path.parent / "out"
+    sites = elf.t.sites_region
+    elf.section(".linkfix.sites", addr=sites.vaddr + 2, offset=sites.offset + 2)
+    refused(command("patch", elf.write(), out), elf.path, ".linkfix.sites: not 4-byte aligned",
+            out)
+
+
+def test_record_without_generic_alternative(elf: Elf) -> None:
+    out = elf.path.parent / "out"
+    struct.pack_into("<iBB", elf.data, elf.rec(1) + 8, 0, 0, 0)  # generic: absent
+    refused(command("verify", elf.write(), out), elf.path,
+            f"site {elf.site_addr(1):#x} (op_b): no generic alternative", out)
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """gcc/ld images: x86-64 with --emit-relocs, -pie, and -g (DWARF)."""
+    work = tmp_path_factory.mktemp("linked")
+    site_ops = [i % (len(si.DEFAULT_OPS) + 3) for i in range(18)]
+    pie_ops = tuple(si.SynthOp(o.name, {b: "rip_movl" if k == "gs_movb" else k
+                                        for b, k in o.bodies.items()}) for o in si.DEFAULT_OPS)
+    return {
+        "relocs": Path(si.build_asm(str(work / "relocs"), str(work / "r"), site_ops, 64,
+                                    emit_relocs=True)),
+        "pie": Path(si.build_asm(str(work / "pie"), str(work / "p"), site_ops, 64, ops=pie_ops,
+                                 pie=True)),
+        "debug": Path(si.build_asm(str(work / "debug"), str(work / "d"), site_ops, 64,
+                                   debug=True)),
+    }
+
+
+def test_relocation_sections_inconsistent(linked: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    e = Elf(linked["relocs"], tmp_path / "vmlinux")
+    text = e.img.section(".text")
+    assert text is not None
+    # .rela.linkfix.sites claims to relocate .text too.
+    info = 44 if e.w64 else 28
+    struct.pack_into("<I", e.data, e.shdr_at(".rela.linkfix.sites") + info, text.index)
+    refused(command("patch", e.write(), out), e.path,
+            f"two relocation sections for section index {text.index}", out)
+    # .rela.linkfix.repl names another symbol table than .rela.text: its entries
+    # cannot be moved into the site's slots.
+    e = Elf(linked["relocs"], tmp_path / "vmlinux")
+    link = 40 if e.w64 else 24
+    struct.pack_into("<I", e.data, e.shdr_at(".rela.linkfix.repl") + link, 0)
+    first_xen = next(i for i in range(e.t.n_sites)
+                     if e.t.shape(i).op == 0 and e.t.shape(i).alts[2].present)
+    refused(command("patch", e.write(), out), e.path,
+            f"site {e.site_addr(first_xen):#x} (irq_disable): relocation sections .rela.text "
+            "and .rela.linkfix.repl differ in kind or symbol table; cannot move relocations",
+            out)
+
+
+def _dynamic_tag(e: Elf, tag: int) -> int:
+    """File offset of the d_tag of `tag` in PT_DYNAMIC."""
+    for ptype, _f, off, _v, filesz, _m in e.img.segments:
+        if ptype == 2:
+            for j in range(filesz // 16):
+                if struct.unpack_from("<q", e.data, off + 16 * j)[0] == tag:
+                    return off + 16 * j
+    raise AssertionError(f"no dynamic tag {tag}")
+
+
+def test_dynamic_relocation_tables_outside_the_image(linked: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    e = Elf(linked["pie"], tmp_path / "vmlinux")
+    struct.pack_into("<Q", e.data, _dynamic_tag(e, 7) + 8, 0x7FFF0000)  # DT_RELA
+    refused(command("patch", e.write(), out), e.path,
+            "dynamic relocation table outside PT_LOAD", out)
+    e = Elf(linked["pie"], tmp_path / "vmlinux")
+    rela, relasz = _dynamic_tag(e, 7), _dynamic_tag(e, 8)
+    struct.pack_into("<qQ", e.data, rela, 36, 0x7FFF0000)  # now DT_RELR
+    struct.pack_into("<q", e.data, relasz, 35)  # DT_RELRSZ
+    refused(command("patch", e.write(), out), e.path, "DT_RELR table outside PT_LOAD", out)
+
+
+def test_unreadable_dwarf(linked: dict[str, Path], tmp_path: Path) -> None:
+    e = Elf(linked["debug"], tmp_path / "vmlinux")
+    sec = e.img.section(".debug_line")
+    assert sec is not None
+    e.data[sec.offset] = 0xFF  # unit_length: runs past the section
+    rc, out, err = run("inspect", str(e.write()))
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    # The rest of the line is pyelftools' own wording, which varies between versions.
+    assert err.startswith(f"linkfix: {e.path}: unreadable DWARF line information: ")
+    rc, _o, err = run("patch", str(e.path), "-o", str(tmp_path / "out"), "--target", "xen")
+    assert rc == 0, err  # patch and verify never read DWARF
+
+
 # -- site records and bodies -----------------------------------------------------------------
 
 
@@ -400,6 +492,29 @@ def test_bodies_that_cannot_be_placed(elf: Elf) -> None:
     refused(command("patch", e.write(), out, "xen"), elf.path,
             f"site {e.site_addr(11):#x} (backend_is(xen)): alternative xen: flagged as a jmp "
             "but starts with 0x90", out)
+
+
+@pytest.mark.parametrize("i", [0, 2])
+def test_rip_relative_displacement_out_of_range(tmp_path: Path, i: int) -> None:
+    ops = (si.SynthOp("far", {"native": "cli", "lguest": "rip_movl"}),)
+    path = tmp_path / "vmlinux"
+    si.build_fast(str(path), 4, 64, ops=ops, site_ops=[0, 0, 0, 0])
+    e = Elf(path, path)
+    # The body's target: 2 GiB - 256 after the body; from the site (before .linkfix.repl)
+    # that is more than a signed 32-bit displacement reaches.
+    off = e.img.offset_of(e.body_addr(i, 3))
+    assert off is not None and e.data[off:off + 2] == b"\xc7\x05"
+    struct.pack_into("<i", e.data, off + 2, 0x7FFFFF00)
+    e.write()
+    value = 0x7FFFFF00 + e.body_addr(i, 3) - e.site_addr(i)
+    out = tmp_path / "out"
+    where = f"site {e.site_addr(i):#x} (far): alternative lguest: "
+    if i == 0:  # the first copy of the body is decoded and relocated in full
+        message = (f"'mov dword ptr [rip + 0x7fffff00], 0': displacement {value:#x} does not "
+                   "fit in 32 bits at the site")
+    else:  # later copies take the fast path, which patches the field in place
+        message = "relocated displacement does not fit in 32 bits"
+    refused(command("patch", path, out, "lguest"), path, where + message, out)
 
 
 def test_inspect_shows_a_body_that_cannot_be_placed(elf: Elf) -> None:
