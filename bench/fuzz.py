@@ -723,8 +723,11 @@ def message_problem(rc: int, out: str, err: str, case: Case, path: str) -> str |
             return f"{len(lines)} lines on stderr"
         if not lines[0].startswith("linkfix: "):
             return "no 'linkfix: ' prefix"
-        if not any(lines[0].startswith(f"linkfix: {p}: ") for p in case.argv[1:] if p):
+        named = [p for p in case.argv[1:] if p and lines[0].startswith(f"linkfix: {p}: ")]
+        if not named:
             return "message does not start with a file name"
+        if lines[0].count(named[0]) > 1:
+            return "message names its file twice"
     if rc == 3:
         if case.argv[0] != "verify":
             return "exit 3 from a command other than verify"

@@ -84,7 +84,10 @@ def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | No
     else:
         raise BadInput(image_path, "no target: give --target BACKEND (or 'generic'), or a "
                                    "--policy file with target = \"BACKEND\"")
-    tgt = backend_index(meta, tgt_name, src, policy if src != "--target" else image_path)
+    if target is not None:
+        tgt = backend_index(meta, tgt_name, "--target", image_path)
+    else:  # the message names the policy file once, as FILE
+        tgt = backend_index(meta, tgt_name, "policy target", policy)
     per_op = [tgt] * len(meta.ops)
     for i, k in pol:
         per_op[i] = k

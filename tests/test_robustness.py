@@ -535,6 +535,8 @@ def test_policy_file_errors(base: Path, tmp_path: Path) -> None:
     for content, message in [
         (b"\xff\xfe", "policy is not UTF-8 (byte 0)"),
         (b"target = 3\n", "policy 'target' must be a string"),
+        (b'target = "kvm"\n', "policy target: unknown backend 'kvm' (known: generic, native, "
+                              "xen, lguest)"),
         (b'target = "xen"\n[ops]\nop_a = 1\n',
          "policy [ops] must map op names to backend name strings"),
         (b'target = "xen"\n[ops]\n"op_a\\n" = "xen"\n',
