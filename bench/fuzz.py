@@ -1065,7 +1065,8 @@ def summary(res: Result, sub: Result | None, scale: Result | None, args: argpars
     if scale is not None:
         lines += ["", f"Scale ({SCALE_SITES:,}-site image, every record corrupted, time bound "
                       f"{args.scale_timeout:g} s): {sum(scale.counts.values())} cases: "
-                      f"{_outcomes(scale)}; slowest {scale.slowest[0]:.2f} s."]
+                      f"{_outcomes(scale)}; slowest {scale.slowest[0]:.2f} s "
+                      f"({scale.slowest[1]})."]
     lines += ["", f"Distinct refusal messages (numbers folded): {len(res.messages)}."]
     return "\n".join(lines)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from linkfix import __version__
@@ -18,6 +20,7 @@ from linkfix.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LinkfixError
 # A reader that closed the pipe early (`linkfix inspect IMAGE | head`) is not an
 # error of linkfix's: stop quietly with the status a shell reports for SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + 13
+EXIT_TERMINATED = 128 + 15
 
 # command name -> module providing `run(args) -> int`
 COMMANDS = {
@@ -88,12 +91,26 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="show tracebacks on errors")
 
 
+class Terminated(BaseException):
+    """SIGTERM (make stopping its jobs): unwinds like Ctrl-C, so temporary files go."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    # Only the main thread may install handlers (main() can run inside a larger program).
+    own_term = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _terminate) if own_term else None
     try:
         module = importlib.import_module(COMMANDS[args.command])
         return int(module.run(args))
+    except Terminated:
+        print("linkfix: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except LinkfixError as exc:
         if debug:
             traceback.print_exc()
@@ -111,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(one_line(f"linkfix: internal error: {type(exc).__name__}: {exc}"),
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if own_term:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
 
 
 def one_line(text: str) -> str:

@@ -764,6 +764,22 @@ def test_unprintable_characters_are_escaped(base: Path, tmp_path: Path) -> None:
             "cannot read: No such file or directory")
 
 
+def test_sigterm_while_writing_leaves_no_temporary_file(
+        base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make stopping its jobs sends SIGTERM: the run unwinds, the temporary file goes."""
+    out = tmp_path / "out"
+
+    def terminated(_fd: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the temporary file exists
+
+    monkeypatch.setattr(os, "fsync", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run("patch", str(base), "-o", str(out), "--target", "xen") == \
+        (cli.EXIT_TERMINATED, "", "linkfix: terminated\n")
+    assert not out.exists() and temp_files(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_closed_pipe_is_quiet(tmp_path: Path) -> None:
     path = tmp_path / "big"
     si.build_fast(str(path), 2000, 64)
