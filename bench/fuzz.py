@@ -262,7 +262,9 @@ def build_corpus(work: str, genstubs: bool = True, ld: bool = True,
                         for o in si.DEFAULT_OPS)
         for name, bits, kw in (("ld64-relocs", 64, {"emit_relocs": True}),
                                ("ld32-relocs", 32, {"emit_relocs": True}),
-                               ("ld64-pie", 64, {"pie": True, "ops": pie_ops})):
+                               ("ld64-pie", 64, {"pie": True, "ops": pie_ops}),
+                               # load-time relocations inside sites and bodies
+                               ("ld32-pie", 32, {"pie": True, "indirect_generic": True})):
             d = os.path.join(corpus_dir, name + ".d")
             p = si.build_asm(os.path.join(corpus_dir, name), d, site_ops, bits, **kw)
             paths.append((name, p))
