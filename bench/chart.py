@@ -109,7 +109,10 @@ def _postlink(ax, res: Results) -> None:  # noqa: ANN001
         ax.plot(*zip(*pts, strict=True), "o-", label="linkfix patch")
     meas = [(s.sites, s.naive.median) for s in pl.sizes if s.naive.median]
     if meas:
-        ax.plot(*zip(*meas, strict=True), "o-", label="naive lief loop")
+        ax.plot(*zip(*meas, strict=True), "o-", label="naive lief loop (lower bound)")
+    full = [(s.sites, s.naive_full.median) for s in pl.sizes if s.naive_full.median]
+    if full:
+        ax.plot(*zip(*full, strict=True), "s-", label="naive complete (lief + capstone)")
     extra = [(s.sites, s.naive_extrapolated) for s in pl.sizes if s.naive_extrapolated]
     if extra and meas:
         ax.plot([meas[-1][0], *[e[0] for e in extra]], [meas[-1][1], *[e[1] for e in extra]],
