@@ -186,18 +186,9 @@ __attribute__((noinline)) unsigned long work(unsigned long *p)
 }
 void _start(void) { unsigned long x; linkfix_boot_select(""); work(&x); for (;;); }
 """
-_LINK_LDS = """
-ENTRY(_start)
-SECTIONS
-{
-	. = 0x100000;
-	.text : { *(.text .text.*) }
-	.rodata : { *(.rodata .rodata.*) }
-	INCLUDE linkfix.lds
-	.data : { *(.data .data.*) }
-	.bss : { *(.bss .bss.*) *(COMMON) }
-}
-"""
+# The example linker script in ldscripts/ that INCLUDEs linkfix.lds.
+_LINK_LDS = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ldscripts",
+                              "minimal.lds")).read()
 
 
 def _sh(cmd: list[str], cwd: str) -> None:

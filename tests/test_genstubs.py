@@ -137,18 +137,8 @@ asm_uses:
 """
 S_OP_SITES = {"irq_disable": 1, "save_fl": 1, "set_pte": 1, "restore_fl": 2}
 
-LINK_LDS = """
-ENTRY(_start)
-SECTIONS
-{
-	. = 0x100000;
-	.text : { *(.text .text.*) }
-	.rodata : { *(.rodata .rodata.*) }
-	INCLUDE linkfix.lds
-	.data : { *(.data .data.*) }
-	.bss : { *(.bss .bss.*) *(COMMON) }
-}
-"""
+# The example linker script in ldscripts/ that INCLUDEs linkfix.lds.
+LINK_LDS = (Path(__file__).resolve().parents[1] / "ldscripts" / "minimal.lds").read_text()
 
 
 def build_image(arch: str, out: Path, work: Path) -> Path:

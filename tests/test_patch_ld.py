@@ -259,18 +259,8 @@ NI int f2(int a) { if (linkfix_backend_is(xen)) return a * 3; return a + 1; }
 NI int f3(int a) { if (linkfix_backend_is(lguest)) return a * 7; return a ^ 5; }
 void _start(void) { unsigned long x; linkfix_boot_select(""); f1(&x); f2(1); f3(2); for (;;); }
 """
-LINK_LDS = """
-ENTRY(_start)
-SECTIONS
-{
-	. = 0x100000;
-	.text : { *(.text .text.*) }
-	.rodata : { *(.rodata .rodata.*) }
-	INCLUDE linkfix.lds
-	.data : { *(.data .data.*) }
-	.bss : { *(.bss .bss.*) *(COMMON) }
-}
-"""
+# The example linker script in ldscripts/ that INCLUDEs linkfix.lds.
+LINK_LDS = (Path(__file__).resolve().parents[1] / "ldscripts" / "minimal.lds").read_text()
 
 
 def _sh(cmd: list[str], cwd: Path) -> None:
