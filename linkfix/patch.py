@@ -49,14 +49,9 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     state_at = t.meta_region.offset + layout.STATE_OFFSET
     out[state_at:state_at + 4 + len(state)] = layout.encode_state(sel.target, 1, state)
     write_atomic(dst, out, mode)
-    if report.verbose(args):
-        print(report.kbuild("LINKFIX", dst))
-        print(f"  target {t.alt_name(sel.target)} ({sel.source}); "
-              f"{n_relocs} relocation slot(s) rewritten")
-        for line in report.op_stats(t, chk, eff):
-            print(line)
-    elif not report.quiet(args):
-        print(report.kbuild("LINKFIX", dst))
+    report.finish(args, "LINKFIX", dst, lambda: [
+        f"  target {t.alt_name(sel.target)} ({sel.source}); "
+        f"{n_relocs} relocation slot(s) rewritten", *report.op_stats(t, chk, eff)])
     sys.stdout.flush()
     return 0
 

@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 from collections import Counter
+from collections.abc import Callable
 
 from linkfix.tables import Checked, Tables
 
@@ -19,6 +20,16 @@ def verbose(args: object) -> bool:
 
 def quiet(args: object) -> bool:
     return bool(getattr(args, "quiet", False)) and not getattr(args, "verbose", False)
+
+
+def finish(args: object, verb: str, name: str, details: Callable[[], list[str]]) -> None:
+    """The closing output of a command: the Kbuild line, plus `details()` when verbose."""
+    if verbose(args):
+        print(kbuild(verb, name))
+        for line in details():
+            print(line)
+    elif not quiet(args):
+        print(kbuild(verb, name))
 
 
 def command_line() -> str:

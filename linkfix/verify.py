@@ -45,12 +45,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
                       f"{t.alt_name(k)} {bytes(want).hex()}, found {got.hex()}", file=sys.stderr)
         raise VerifyMismatch(path, f"{bad} of {t.n_sites} sites differ from the selection "
                                    f"({sel.source}: {t.alt_name(sel.target)})")
-    if report.verbose(args):
-        print(report.kbuild("VERIFY", path))
-        print(f"  selection {t.alt_name(sel.target)} ({sel.source}): all "
-              f"{t.n_sites} sites match")
-        for line in report.op_stats(t, chk, eff):
-            print(line)
-    elif not report.quiet(args):
-        print(report.kbuild("VERIFY", path))
+    report.finish(args, "VERIFY", path, lambda: [
+        f"  selection {t.alt_name(sel.target)} ({sel.source}): all {t.n_sites} sites match",
+        *report.op_stats(t, chk, eff)])
     return 0
