@@ -1,4 +1,4 @@
-"""Assemble every body: syntax errors early, exact lengths, machine code for regcheck.
+"""Assemble every body: syntax errors early, exact lengths, machine code for bodycheck.
 
 Two assemblers, two jobs:
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from linkfix.arch import Arch
 from linkfix.body import Body, is_label, rename_labels
+from linkfix.bodycheck import Reloc
 
 KS_TIMEOUT = 5.0  # seconds for one body; a well-formed body takes microseconds
 PLACEHOLDER = "0x12345678"
@@ -46,6 +47,7 @@ class MeasureError(ValueError):
 @dataclass(frozen=True)
 class Measured:
     code: bytes  # GNU as encoding; relocated fields hold the assembler's addend (or 0)
+    relocs: tuple[Reloc, ...]  # the object's relocations in this body
     ks_length: int | None  # keystone's length of the placeholder form; None if it failed
     ks_note: str | None  # why keystone failed, when it did
 
@@ -151,8 +153,31 @@ def _gas_source(arch: Arch, bodies: list[tuple[str, ...]]) -> tuple[str, dict[in
 _GAS_MSG = re.compile(r"^[^:]*:(\d+): (Error|Fatal error): (.*)$")
 
 
+def _section_code(elf, i: int) -> tuple[bytes, tuple[Reloc, ...]]:  # type: ignore[no-untyped-def]
+    """Body i's bytes and relocations (REL addends read from the field)."""
+    sec = elf.get_section_by_name(f".lfb.{i}")
+    if sec is None:
+        return b"", ()
+    data = sec.data()
+    relocs: list[Reloc] = []
+    for name in (f".rela.lfb.{i}", f".rel.lfb.{i}"):
+        rsec = elf.get_section_by_name(name)
+        if rsec is None:
+            continue
+        symtab = elf.get_section(rsec["sh_link"])
+        for r in rsec.iter_relocations():
+            sym = symtab.get_symbol(r["r_info_sym"])
+            off = r["r_offset"]
+            if r.is_RELA():
+                addend = r["r_addend"]
+            else:
+                addend = int.from_bytes(data[off:off + 4], "little", signed=True)
+            relocs.append(Reloc(off, r["r_info_type"], sym.name, addend))
+    return data, tuple(relocs)
+
+
 def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
-                 bodies: list[tuple[str, ...]]) -> list[bytes]:
+                 bodies: list[tuple[str, ...]]) -> list[tuple[bytes, tuple[Reloc, ...]]]:
     """Assemble the bodies with GNU as; their code, or MeasureError for the first bad one."""
     from elftools.elf.elffile import ELFFile
 
@@ -180,10 +205,7 @@ def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
             raise MeasureError(keys[first[0]], first[1])
         with open(obj, "rb") as f:
             elf = ELFFile(f)
-            out = []
-            for i in range(len(bodies)):
-                sec = elf.get_section_by_name(f".lfb.{i}")
-                out.append(sec.data() if sec is not None else b"")
+            out = [_section_code(elf, i) for i in range(len(bodies))]
     return out
 
 
@@ -197,17 +219,18 @@ def measure(arch: Arch, items: list[tuple[tuple[str, str], Body]]) -> dict[tuple
     ks = keystone_assemble(arch, texts) if items else []
     code = gas_assemble(arch, [k for k, _ in items], [b.statements for _, b in items])
     out: dict[tuple[str, str], Measured] = {}
-    for (key, _body), (status, value), c in zip(items, ks, code, strict=True):
+    for (key, _body), (status, value), (c, relocs) in zip(items, ks, code, strict=True):
         if len(c) > MAX_BODY:
             raise MeasureError(key, f"body is {len(c)} bytes; at most {MAX_BODY} fit a site")
         if status == "ok":
             assert isinstance(value, bytes)
-            out[key] = Measured(code=c, ks_length=len(value), ks_note=None)
+            out[key] = Measured(code=c, relocs=relocs, ks_length=len(value), ks_note=None)
         elif status == "timeout":
-            out[key] = Measured(code=c, ks_length=None,
+            out[key] = Measured(code=c, relocs=relocs, ks_length=None,
                                 ks_note=f"keystone did not finish within {KS_TIMEOUT:g} s")
         else:
-            out[key] = Measured(code=c, ks_length=None, ks_note=f"keystone: {value}")
+            out[key] = Measured(code=c, relocs=relocs, ks_length=None,
+                                ks_note=f"keystone: {value}")
     return out
 
 

@@ -69,12 +69,15 @@ BAD = [
      "op 'irq_disable': backend 'native': body does not assemble for x86_64: "
      "no such instruction: `clix'"),
     ("writes-undeclared", HEAD + "[ops.save_fl.bodies]\nnative = \"pushf; pop %rcx\"\n",
-     "op 'save_fl': backend 'native': body writes %rcx, not in clobbers"),
+     "op 'save_fl': backend 'native': offset 1: 'popq %rcx' (59): writes %rcx, "
+     "not the op's return register or a declared clobber"),
     ("writes-return-of-void-op", HEAD + "[ops.read_cr3.bodies]\nnative = \"mov %cr3, %rax\"\n",
-     "op 'read_cr3': backend 'native': body writes %rax, not in clobbers"),
+     "op 'read_cr3': backend 'native': offset 0: 'movq %cr3, %rax' (0f20d8): "
+     "writes %rax, not the op's return register or a declared clobber"),
     ("writes-implicitly", HEAD + "[ops.cpuid]\nreturns = \"unsigned int\"\n"
      "[ops.cpuid.bodies]\nnative = \"cpuid\"\n",
-     "op 'cpuid': backend 'native': body writes %rbx, %rcx, %rdx, not in clobbers"),
+     "op 'cpuid': backend 'native': offset 0: 'cpuid' (0fa2): writes %rbx, %rcx, "
+     "%rdx, not the op's return register or a declared clobber"),
     ("too-many-args", HEAD + "[ops.f]\nargs = [\"long a\", \"long b\", \"long c\", \"long d\", "
      "\"long e\"]\n[ops.f.bodies]\nnative = \"nop\"\n",
      "op 'f': field 'args': too many arguments: 5 given, x86_64 passes at most 4 in "
