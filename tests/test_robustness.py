@@ -913,14 +913,21 @@ def fuzz_module():  # noqa: ANN201 - bench/fuzz.py, imported from its directory
 
 
 def test_fuzz_slice(fuzz_module, tmp_path: Path) -> None:  # noqa: ANN001
-    """300 in-process cases, 10 through the real CLI, 3 whole-table corruptions: no bug."""
+    """300 in-process cases, 10 through the real CLI: no bug of any class, silent wrong
+    output (a successful patch wrong by the unmutated seed image) included."""
     f = fuzz_module
+    assert "silent_wrong" in f.BUGS
+    no_bugs = dict.fromkeys(f.BUGS, 0)
     seeds = f.build_corpus(str(tmp_path), genstubs=True, ld=True, sample=False)
     res = f.fuzz(seeds, 20240501, 0, 300, 20.0, str(tmp_path))
-    assert res.bugs == [], [(o, c.ident, c.mutation, c.argv, d) for o, c, d in res.bugs]
+    assert {b: res.counts[b] for b in f.BUGS} == no_bugs, \
+        [(o, c.ident, c.mutation, c.argv, d) for o, c, d in res.bugs]
+    assert res.bugs == []
     assert res.counts["ok"] > 30 and res.counts["refused"] > 100 and res.counts["mismatch"] > 0
     sub = f.fuzz_subprocess(seeds, 20240501, 300, 10, 20.0, str(tmp_path))
-    assert sub.bugs == [], [(o, c.ident, c.mutation, c.argv, d) for o, c, d in sub.bugs]
+    assert {b: sub.counts[b] for b in f.BUGS} == no_bugs, \
+        [(o, c.ident, c.mutation, c.argv, d) for o, c, d in sub.bugs]
+    assert sub.bugs == []
     assert sum(sub.counts.values()) == 10
 
 
