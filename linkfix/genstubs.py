@@ -51,15 +51,17 @@ def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, byte
     models: list[render.OpModel] = []
     for op in spec.ops:
         allowed = set(bodymod.site_clobbers(arch, op))
+        fields: dict[str, tuple[tuple[int, int], ...]] = {}
         for backend, body in parsed[op.name].items():
             meas = measured[(op.name, backend)]
             try:
-                bodycheck.check(arch, meas.code, meas.relocs, allowed, call_targets(body))
+                fields[backend] = bodycheck.check(arch, meas.code, meas.relocs, allowed,
+                                                  call_targets(body)).masked
             except bodycheck.BodyCheckError as exc:
                 raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': {exc}") from None
         models.append(render.build_op(
             spec, op, parsed[op.name],
-            {b: measured[(op.name, b)] for b in parsed[op.name]}))
+            {b: measured[(op.name, b)] for b in parsed[op.name]}, fields))
     return spec, models, render.render_all(spec, models)
 
 

@@ -1,6 +1,7 @@
 """Read a linked ELF image: header, PT_LOAD segments, sections, symbols, relocations.
 
-Plain `struct` parsing of the whole file held in memory: it is much faster than
+Plain `struct` parsing of the file, mapped read-only (a large image costs only
+the pages looked at): it is much faster than
 lief on large symbol tables and never writes anything. linkfix produces its
 output by copying these bytes and patching them at file offsets, so the only
 address translation that matters is vaddr -> file offset through PT_LOAD
@@ -10,12 +11,13 @@ address translation that matters is vaddr -> file offset through PT_LOAD
 from __future__ import annotations
 
 import bisect
+import mmap
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 
 from linkfix.errors import BadInput
-from linkfix.fileio import read_regular
+from linkfix.fileio import map_regular
 
 EM_386 = 3
 EM_X86_64 = 62
@@ -106,7 +108,7 @@ class RelocTable:
 class Image:
     """A parsed ELF32/ELF64 little-endian x86 image (ET_EXEC or ET_DYN)."""
 
-    def __init__(self, path: str, data: bytes) -> None:
+    def __init__(self, path: str, data: bytes | mmap.mmap) -> None:
         self.path = path
         self.data = data
         if len(data) < 52 or data[:4] != b"\x7fELF":
@@ -210,6 +212,32 @@ class Image:
         for s in self.sections:
             if s.index and s.size and s.type != SHT_NOBITS and not s.flags & SHF_ALLOC:
                 out.append((f"section {s.name or '#' + str(s.index)}", s.offset, s.size))
+        return out
+
+    @cached_property
+    def ambiguous_ranges(self) -> list[tuple[str, int, int]]:
+        """(what, vaddr, vaddr_end) where PT_LOAD segments disagree about the bytes.
+
+        Two segments covering the same addresses (the loader uses one, a file
+        offset the other), or mapping the same file bytes at two addresses (a
+        write at one changes the other): a site or table there cannot be patched
+        with a known result.
+        """
+        out: list[tuple[str, int, int]] = []
+        segs = self.load_segments
+        for i, a in enumerate(segs):
+            for j in range(i + 1, len(segs)):
+                b = segs[j]
+                what = f"PT_LOAD segments {i} and {j}"
+                lo, hi = max(a.vaddr, b.vaddr), min(a.vaddr + a.memsz, b.vaddr + b.memsz)
+                if lo < hi:
+                    out.append((f"{what} (overlapping addresses)", lo, hi))
+                flo = max(a.offset, b.offset)
+                fhi = min(a.offset + a.filesz, b.offset + b.filesz)
+                if flo < fhi:
+                    for seg in (a, b):
+                        out.append((f"{what} (the same file bytes)",
+                                    flo - seg.offset + seg.vaddr, fhi - seg.offset + seg.vaddr))
         return out
 
     def file_to_vaddr_ranges(self, off: int, size: int) -> list[tuple[int, int]]:
@@ -421,7 +449,7 @@ class Image:
 
 def load(path: str) -> Image:
     try:
-        data = read_regular(path)
+        data = map_regular(path)
     except OSError as exc:
         raise BadInput(path, f"cannot read: {exc.strerror}") from None
     return Image(path, data)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 MAGIC = b"LINKFIX\0"
-VERSION = 1
+VERSION = 2
 
 META_SECTION = ".linkfix.meta"
 SITES_SECTION = ".linkfix.sites"
@@ -44,6 +45,51 @@ def branch_op_name(backend: str) -> str:
     return f"backend_is({backend})"
 
 
+# The table bounds the header records by link-time relocation (self-relative
+# s32 each): sites start/end, repl start/end, and the names the linker script
+# gives them. A section header or symbol that disagrees is corruption.
+BOUND_SYMBOLS = ("__linkfix_sites_start", "__linkfix_sites_end",
+                 "__linkfix_repl_start", "__linkfix_repl_end")
+BOUNDS = struct.Struct("<4i")
+DIGEST = struct.Struct("<IBBH")  # crc32 of the masked body, len, n_fields, first field
+
+
+@dataclass(frozen=True)
+class BodyDigest:
+    """What gen-stubs assembled for one alternative of one op.
+
+    `crc` is the CRC32 of the body with every relocated field (`fields`, as
+    (position, size)) zeroed: the bytes the link cannot change.
+    """
+
+    crc: int
+    length: int
+    fields: tuple[tuple[int, int], ...]
+
+
+ABSENT = BodyDigest(0, 0, ())
+
+
+def masked(code: bytes, fields: tuple[tuple[int, int], ...]) -> bytes:
+    out = bytearray(code)
+    for pos, size in fields:
+        out[pos:pos + size] = bytes(size)
+    return bytes(out)
+
+
+def body_digest(code: bytes, fields: tuple[tuple[int, int], ...]) -> BodyDigest:
+    return BodyDigest(zlib.crc32(masked(code, fields)), len(code), tuple(sorted(fields)))
+
+
+def digest_matches(d: BodyDigest, code: bytes) -> bool:
+    """Does `code` (a linked copy) hold what gen-stubs assembled, up to its relocated fields?"""
+    if len(code) != d.length:
+        return False
+    if any(pos + size > len(code) for pos, size in d.fields):
+        return False
+    return zlib.crc32(masked(code, d.fields)) == d.crc
+
+
 @dataclass(frozen=True)
 class Meta:
     machine: int
@@ -53,6 +99,10 @@ class Meta:
     target: int = 0
     patched: int = 0
     op_state: tuple[int, ...] = ()
+    # digests[op][k]: alternative k of op (k = 0 generic); ABSENT where there is none
+    digests: tuple[tuple[BodyDigest, ...], ...] = ()
+    # sites start/end, repl start/end as absolute addresses (parsed images only)
+    bounds: tuple[int, int, int, int] | None = None
 
     @property
     def n_real_ops(self) -> int:
@@ -61,7 +111,8 @@ class Meta:
     def names_blob(self) -> bytes:
         return b"".join(n.encode() + b"\0" for n in (*self.backends, *self.ops))
 
-    def encode(self) -> bytes:
+    def head(self) -> bytes:
+        """Fixed header, state record and names, padded to 4: the bytes before the bounds."""
         names = self.names_blob()
         state = self.op_state or (0,) * len(self.ops)
         head = META_FIXED.pack(
@@ -72,6 +123,35 @@ class Meta:
         out = head + bytes(state) + names
         return out + b"\0" * (-len(out) % 4)
 
+    def tail(self) -> bytes:
+        """The digest table and its field lists, padded to 4: the bytes after the bounds."""
+        n_alts = len(self.backends) + 1
+        table_at = len(self.head()) + BOUNDS.size
+        entries = bytearray()
+        fields = bytearray()
+        for op in range(len(self.ops)):
+            row = self.digests[op] if op < len(self.digests) else ()
+            for k in range(n_alts):
+                d = row[k] if k < len(row) else ABSENT
+                first = len(fields) // 2 if d.fields else 0
+                if first > 0xFFFF:
+                    raise ValueError("more than 65535 relocated fields in the bodies")
+                entries += DIGEST.pack(d.crc, d.length, len(d.fields), first)
+                for pos, size in d.fields:
+                    fields += bytes((pos, size))
+        out = bytes(entries + fields)
+        return out + b"\0" * (-(table_at + len(out)) % 4)
+
+    def encode(self, at: int = 0, bounds: tuple[int, int, int, int] = (0, 0, 0, 0)) -> bytes:
+        """The whole header placed at address `at`, with the table bounds resolved."""
+        head = self.head()
+        base = at + len(head)
+        rel = BOUNDS.pack(*(b - (base + 4 * j) if b else 0 for j, b in enumerate(bounds)))
+        return head + rel + self.tail()
+
+    def size(self) -> int:
+        return len(self.head()) + BOUNDS.size + len(self.tail())
+
 
 def encode_state(target: int, patched: int, op_state: list[int] | tuple[int, ...]) -> bytes:
     """The bytes of the state record, written at META offset 24 onwards."""
@@ -79,3 +159,13 @@ def encode_state(target: int, patched: int, op_state: list[int] | tuple[int, ...
 
 
 STATE_OFFSET = 24
+
+
+def meta_asm_lines(meta: Meta, symbols: tuple[str, ...] = BOUND_SYMBOLS) -> list[str]:
+    """The header as assembler lines: bytes, then the bounds as link-time differences."""
+    def rows(data: bytes) -> list[str]:
+        return [".byte " + ",".join(f"0x{b:02x}" for b in data[i:i + 12])
+                for i in range(0, len(data), 12)]
+
+    return [*rows(meta.head()), *(f".long {sym} - ." for sym in symbols),
+            *rows(meta.tail())]

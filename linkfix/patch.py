@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from linkfix import image, layout, relocs, report, selection, tables
+from linkfix import image, layout, recognise, relocs, report, selection, tables
 from linkfix.errors import BadInput
-from linkfix.fileio import write_atomic
+from linkfix.fileio import write_patched_copy
 from linkfix.splice import Splicer
 
 
@@ -42,13 +42,23 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     sel = selection.resolve(t.meta, args.target, args.op, args.policy, src)
     chk = tables.check_records(t)
     sp = Splicer(t, chk)
-    out = bytearray(img.data)
-    eff = sp.apply(out, sel.per_op)
-    n_relocs = relocs.update(sp, eff, out)
-    state = op_state(t, chk, sel.per_op, eff)
-    state_at = t.meta_region.offset + layout.STATE_OFFSET
-    out[state_at:state_at + 4 + len(state)] = layout.encode_state(sel.target, 1, state)
-    write_atomic(dst, out, mode)
+    now = selection.from_state(t.meta)
+    result: dict[str, object] = {}
+
+    def edit(out) -> None:  # noqa: ANN001 - the output's writable mapping
+        # Recognise every site first (this rewrites the bytes it already holds),
+        # then write the new selection over them.
+        recognise.check_state(t, sp, now.per_op, "state record", out, img.data)
+        eff = sp.apply(out, sel.per_op)
+        result["relocs"] = relocs.update(sp, eff, out)
+        state = op_state(t, chk, sel.per_op, eff)
+        state_at = t.meta_region.offset + layout.STATE_OFFSET
+        out[state_at:state_at + 4 + len(state)] = layout.encode_state(sel.target, 1, state)
+        result["eff"] = eff
+
+    write_patched_copy(src, dst, mode, edit)
+    n_relocs = result["relocs"]
+    eff = result["eff"]
     report.finish(args, "LINKFIX", dst, lambda: [
         f"  target {t.alt_name(sel.target)} ({sel.source}); "
         f"{n_relocs} relocation slot(s) rewritten", *report.op_stats(t, chk, eff)])

@@ -69,6 +69,7 @@ class OpModel:
     measured: dict[str, Measured]
     thunks: tuple[Thunk, ...]
     table: dict[str, str]  # backend -> symbol in the ops table
+    digests: tuple[layout.BodyDigest, ...]  # per alternative k, for the image header
 
 
 def dispatch_name(op: str) -> str:
@@ -79,8 +80,12 @@ def body_fn_name(op: str, backend: str) -> str:
     return f"__lf_body_{op}_{backend}"
 
 
-def build_op(spec: Spec, op: Op, bodies: dict[str, Body],
-             measured: dict[str, Measured]) -> OpModel:
+_CALL_FIELD = ((1, 4),)  # the rel32 of a 5-byte call or jmp
+
+
+def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Measured],
+             fields: dict[str, tuple[tuple[int, int], ...]]) -> OpModel:
+    """`fields`: per backend, the relocated (position, size) fields of its body."""
     lengths = [measured[b].length for b in bodies]
     site_len = max(5, *lengths) if lengths else 5
     alts = [Alt(0, "generic", "generic", (f"call {dispatch_name(op.name)}",),
@@ -114,9 +119,16 @@ def build_op(spec: Spec, op: Op, bodies: dict[str, Body],
         body = bodies[src]
         table[backend] = body.callee if body.kind == KIND_CALL and body.callee else \
             body_fn_name(op.name, src)
+    digests = [layout.body_digest(b"\xe8" + bytes(4), _CALL_FIELD)]
+    for backend in spec.backends:
+        if backend not in bodies:
+            digests.append(layout.ABSENT)
+        else:
+            digests.append(layout.body_digest(measured[backend].code, fields[backend]))
     return OpModel(op=op, site_len=site_len, pad=pad(site_len - 5),
                    clobbers=site_clobbers(spec.arch, op), saved=saved, alts=tuple(alts),
-                   bodies=bodies, measured=measured, thunks=tuple(thunks.values()), table=table)
+                   bodies=bodies, measured=measured, thunks=tuple(thunks.values()), table=table,
+                   digests=tuple(digests))
 
 
 def _fallback(spec: Spec, bodies: dict[str, Body]) -> str:
@@ -139,19 +151,35 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
 
     `uid` makes labels unique per use (`%=` in C asm, `\\@` in a GAS macro);
     `esc` escapes body text for the consumer (`%` -> `%%` in C asm).
+
+    Length guards are `.org` assertions, which GNU as and clang's integrated
+    assembler both check after layout (clang cannot evaluate a label difference
+    in an inline-asm `.if`); GNU as also gets a readable `.error`.
     """
+
+    def org_assert(here: str, cond: str) -> str:
+        # `.org here` is the current location (no bytes) while `cond` is false; one
+        # byte back (an error in both assemblers) when it is true. A true comparison
+        # is -1 in GNU as and LLVM alike; squared, the step is -1 whatever its sign,
+        # so a wrong length can never become a byte of padding.
+        return f"\t.org {here} - (({cond}) * ({cond}))"
+
+    def gas_error(cond: str, message: str) -> list[str]:
+        # `.gasversion.` is GNU as's predefined symbol: clang skips the block (a
+        # skipped `.if` is not evaluated) and relies on the `.org` next to it.
+        return ["\t.ifdef .gasversion.", f"\t.if {cond}", f'\t.error "{message}"',
+                "\t.endif", "\t.endif"]
+
     op = m.op.name
     s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
     lines = [f"{s}:", f"\tcall {dispatch_name(op)}"]
     if m.pad:
         lines.append(f"\t.byte {_byte_list(m.pad)}")
-    lines += [
-        f"{e}:",
-        f"\t.if ({e} - {s}) != {m.site_len}",
-        f'\t.error "linkfix: site of op {op} is not {m.site_len} bytes"',
-        "\t.endif",
-        '\t.pushsection .linkfix.repl,"a"',
-    ]
+    wrong_size = f"({e} - {s}) != {m.site_len}"
+    lines += [f"{e}:",
+              *gas_error(wrong_size, f"linkfix: site of op {op} is not {m.site_len} bytes"),
+              org_assert(e, wrong_size),
+              '\t.pushsection .linkfix.repl,"a"']
     for alt in m.alts:
         if not alt.present:
             continue
@@ -162,16 +190,14 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
                              lambda n, k=alt.k: f".Llf_l{k}_{n}_{uid}")
         lines += [st if is_label(st) else f"\t{st}" for st in code]
         lines.append(f"{q}:")
+        too_long = f"({q} - {r}) > {m.site_len}"
         if alt.guard == "if":
-            lines += [
-                f"\t.if ({q} - {r}) > {m.site_len}",
-                f'\t.error "linkfix: op {op} backend {alt.name} body longer than its site"',
-                "\t.endif",
-            ]
-        elif alt.guard == "org":
-            # A body with branches has no length GAS knows at .if time; .org
-            # backwards is an error GAS reports once the branches are relaxed.
-            lines.append(f"\t.org {q} + (({q} - {r}) > {m.site_len})")
+            lines += gas_error(too_long,
+                               f"linkfix: op {op} backend {alt.name} body longer than its site")
+        if alt.guard:
+            # A body with branches ("org") has no length GNU as knows at `.if` time:
+            # only the `.org`, checked once the branches are relaxed, covers it.
+            lines.append(org_assert(q, too_long))
     lines.append("\t.popsection")
     lines += _record_lines(uid, m.op.index, m.site_len, layout.KIND_OP, m.alts)
     return lines
@@ -368,11 +394,18 @@ def gas_macro_lines(spec: Spec, m: OpModel) -> list[str]:
 # ------------------------------------------------------------------ meta, manifest
 
 
-def meta_bytes(spec: Spec) -> bytes:
+def meta(spec: Spec, models: list[OpModel]) -> layout.Meta:
+    """The image header: names, and what every alternative of every op assembled to."""
     ops = tuple(op.name for op in spec.ops) + tuple(
         layout.branch_op_name(b) for b in spec.backends)
+    jmp = layout.body_digest(b"\xe9" + bytes(4), _CALL_FIELD)
+    empty = layout.body_digest(b"", ())
+    digests = [m.digests for m in models]
+    for b in range(1, len(spec.backends) + 1):
+        digests.append((jmp, *(jmp if k == b else empty
+                               for k in range(1, len(spec.backends) + 1))))
     return layout.Meta(machine=spec.arch.e_machine, backends=spec.backends, ops=ops,
-                       spec_hash=spec.spec_hash()).encode()
+                       spec_hash=spec.spec_hash(), digests=tuple(digests))
 
 
 def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-arg]
@@ -451,7 +484,7 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
                      for k, b in enumerate(spec.backends, start=1)],
         "thunks": thunk_functions(spec, models),
         "body_functions": body_functions(models),
-        "meta": _byte_rows(meta_bytes(spec)),
+        "meta": layout.meta_asm_lines(meta(spec, models)),
         "macros": [(m.op.name, gas_macro_lines(spec, m)) for m in models],
         "table_symbols": _table_symbols(spec, models),
     }
@@ -461,10 +494,6 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
     out["linkfix.lds"] = LDSCRIPT.read_bytes()
     out["linkfix.json"] = (json.dumps(manifest(spec, models), indent=2) + "\n").encode()
     return out
-
-
-def _byte_rows(data: bytes, width: int = 12) -> list[str]:
-    return [_byte_list(data[i:i + width]) for i in range(0, len(data), width)]
 
 
 @dataclass(frozen=True)

@@ -60,12 +60,23 @@ class Splicer:
                 skel[f.pos:f.pos + f.size] = bytes(f.size)
             if skel == tmpl.skeleton:
                 return tmpl
+        self.check_digest(i, k, body)
         try:
             code = fixups.analyze(body, self.bits)
         except fixups.FixupError as exc:
             raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: {exc}") from None
         self._templates.setdefault((sh.op, k), code)
         return code
+
+    def check_digest(self, i: int, k: int, body: bytes) -> None:
+        """Refuse a body copy that is not what gen-stubs assembled for its op and backend."""
+        sh = self.shape_of(i)
+        digests = self.t.meta.digests
+        d = digests[sh.op][k] if sh.op < len(digests) else layout.ABSENT
+        if not layout.digest_matches(d, body):
+            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: body "
+                                        f"{body.hex()} does not match the digest gen-stubs "
+                                        f"recorded ({d.length} bytes, crc {d.crc:#010x})")
 
     def site_bytes(self, i: int, k: int) -> bytes:
         """The exact bytes site i holds when patched to alternative k (k must be present)."""
@@ -77,6 +88,10 @@ class Splicer:
         alt = sh.alts[k]
         L = sh.site_len
         if not alt.len:
+            d = self.t.meta.digests[sh.op][k]
+            if d.length:
+                raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: empty, but "
+                                            f"gen-stubs recorded a {d.length}-byte body")
             return pad_cached(L), 0
         body = self.body(i, k)
         name = self.t.alt_name(k)
@@ -113,7 +128,7 @@ class Splicer:
         finished = self.site_bytes(i, k)  # validates flags, decodes, range-checks this copy
         code = self.code_for(i, k, body)
         if not code.external:
-            return (_STATIC, k, blist, bdelta, L, finished, body, None, None)
+            return (_STATIC, k, blist, bdelta, L, finished, body, None, len(body))
         plan = fixups.field_plan(code)
         if plan is None or plan.length > L:
             return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
@@ -150,7 +165,7 @@ class Splicer:
         img = self.img
         sites = chk.site_addrs
         src = img.data
-        starts = src.startswith
+        find = src.find
         plans: dict[bytes, tuple] = {}
         seg = chk.exec_seg
         # Validation found the one segment holding all sites (and, per alternative,
@@ -178,11 +193,11 @@ class Splicer:
                 b = blist[i]
                 bo = b - bdelta if bdelta is not None else offset_of(b, 1)
                 if mode == _STATIC:
-                    if starts(x, bo):
+                    if find(x, bo, bo + z) == bo:
                         view[so:so + L] = fin
                         continue
                 elif mode == _REL32:
-                    if starts(x, bo) and starts(y, bo + z + 4):
+                    if find(x, bo, bo + z) == bo and find(y, bo + z + 4, bo + L) == bo + z + 4:
                         view[so:so + L] = fin
                         value = unpack_i32(src, bo + z)[0] + b - s
                         try:
@@ -194,7 +209,8 @@ class Splicer:
                         continue
                 elif mode == _FIELDS:
                     d = b - s
-                    if (d > z or -d > z) and all(starts(seg_, bo + at) for at, seg_ in x):
+                    if (d > z or -d > z) and all(find(seg_, bo + at, bo + at + len(seg_))
+                                                 == bo + at for at, seg_ in x):
                         view[so:so + L] = fin
                         for new_pos, old_pos, unpack, pack, const in y:
                             value = unpack(src, bo + old_pos)[0] + d + const

@@ -117,23 +117,40 @@ class Tables:
 # -- locating and parsing --------------------------------------------------------------------
 
 
-def _region(img: Image, section: str, start: str, end: str, required: bool) -> Region | None:
+def _region(img: Image, section: str, start: str, end: str, required: bool,
+            recorded: tuple[int, int] | None = None) -> Region | None:
+    """Where a table lies, by every description the image has; they must all agree.
+
+    A section header, the linker script's start/end symbols and (for sites and
+    bodies) the bounds the header recorded at link time: a table that one of
+    them describes shorter would have sites patched silently short.
+    """
+    seen: list[tuple[str, int, int]] = []
     sec = img.section(section)
     if sec is not None and sec.addr:
-        vaddr, size = sec.addr, sec.size
-        how = f"section {section}"
-    else:
-        lo, hi = img.symbol_value(start), img.symbol_value(end)
-        if lo is None or hi is None:
-            if not required:
-                return None
-            raise BadInput(img.path, f"no linkfix tables: neither a {section} section nor "
-                                     f"{start}/{end} symbols (was the image linked with "
-                                     "linkfix.lds?)")
-        vaddr, size = lo, hi - lo
-        how = f"{start}..{end}"
-        if size < 0:
-            raise BadInput(img.path, f"{how}: end before start")
+        seen.append((f"section {section}", sec.addr, sec.size))
+    lo, hi = img.symbol_value(start), img.symbol_value(end)
+    if lo is not None and hi is not None:
+        if hi < lo:
+            raise BadInput(img.path, f"{start}..{end}: end before start")
+        seen.append((f"{start}..{end}", lo, hi - lo))
+    if recorded is not None:
+        if recorded[1] < recorded[0]:
+            raise BadInput(img.path, f"{layout.META_SECTION}: recorded bounds of {section} "
+                                     "end before they start")
+        seen.append((f"the bounds in {layout.META_SECTION}", recorded[0],
+                     recorded[1] - recorded[0]))
+    if not seen:
+        if not required:
+            return None
+        raise BadInput(img.path, f"no linkfix tables: neither a {section} section nor "
+                                 f"{start}/{end} symbols (was the image linked with "
+                                 "linkfix.lds?)")
+    how, vaddr, size = seen[0]
+    for other, v, n in seen[1:]:
+        if (v, n) != (vaddr, size):
+            raise BadInput(img.path, f"{section}: {how} gives {vaddr:#x} ({size} bytes) but "
+                                     f"{other} gives {v:#x} ({n} bytes)")
     if size == 0:
         return Region(vaddr, 0, 0)
     off = img.offset_of(vaddr, size)
@@ -190,26 +207,61 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
     if ops[n_ops - n_backends:] != branch:
         raise BadInput(path, f"{layout.META_SECTION}: the last {n_backends} ops must be "
                              f"{', '.join(branch)}")
-    one = names_at + names_size
-    one += -one % 4
-    if len(data) >= one + 8:
+    head = names_at + names_size
+    head += -head % 4
+    bounds, digests, end = _parse_tail(path, region, data, head, n_ops, n_backends + 1)
+    if len(data) >= end + 8:
         raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes where one header takes "
-                             f"{one}: more than one linkfix header linked into the image?")
+                             f"{end}: more than one linkfix header linked into the image?")
     op_state = tuple(data[layout.META_STATE_OFFSET:names_at])
     if target > n_backends or patched > 1 or reserved or any(s > n_backends for s in op_state):
         raise BadInput(path, f"{layout.META_SECTION}: corrupt state record "
                              f"(target {target}, patched {patched}, op_state {list(op_state)})")
     return layout.Meta(machine=machine, backends=backends, ops=ops, spec_hash=spec_hash,
-                       target=target, patched=patched, op_state=op_state)
+                       target=target, patched=patched, op_state=op_state, digests=digests,
+                       bounds=bounds)
+
+
+def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_alts: int
+                ) -> tuple[tuple[int, int, int, int], tuple[tuple[layout.BodyDigest, ...], ...],
+                           int]:
+    """The table bounds and the digest table after the names; returns them and the end."""
+    sec = layout.META_SECTION
+    table_at = at + layout.BOUNDS.size
+    fields_at = table_at + layout.DIGEST.size * n_ops * n_alts
+    if fields_at > len(data):
+        raise BadInput(path, f"{sec}: {len(data)} bytes, too short for the bounds and digest "
+                             f"table of {n_ops} ops")
+    rel = layout.BOUNDS.unpack_from(data, at)
+    bounds = tuple(region.vaddr + at + 4 * j + v for j, v in enumerate(rel))
+    entries = list(layout.DIGEST.iter_unpack(data[table_at:fields_at]))
+    n_fields = max((first + n for _c, _l, n, first in entries if n), default=0)
+    end = fields_at + 2 * n_fields
+    if end > len(data):
+        raise BadInput(path, f"{sec}: digest field lists run past the header")
+    pairs = data[fields_at:end]
+    rows = []
+    for op in range(n_ops):
+        row = []
+        for crc, length, n, first in entries[op * n_alts:(op + 1) * n_alts]:
+            fields = tuple((pairs[2 * j], pairs[2 * j + 1]) for j in range(first, first + n))
+            if any(size not in (1, 2, 4, 8) or pos + size > length for pos, size in fields):
+                raise BadInput(path, f"{sec}: digest of op {op} has a field outside its body")
+            row.append(layout.BodyDigest(crc, length, fields))
+        rows.append(tuple(row))
+    end += -end % 4
+    return bounds, tuple(rows), end  # type: ignore[return-value]
 
 
 def load(img: Image) -> Tables:
     meta_r = _region(img, layout.META_SECTION, META_START, META_END, True)
     assert meta_r is not None
     meta = parse_meta(img, meta_r)
-    sites_r = _region(img, layout.SITES_SECTION, SITES_START, SITES_END, True)
+    b = meta.bounds
+    assert b is not None
+    sites_r = _region(img, layout.SITES_SECTION, SITES_START, SITES_END, True, (b[0], b[1]))
     assert sites_r is not None
-    repl_r = _region(img, layout.REPL_SECTION, REPL_START, REPL_END, False)
+    repl_r = _region(img, layout.REPL_SECTION, REPL_START, REPL_END, False, (b[2], b[3]))
     rec_size = layout.site_rec_size(len(meta.backends))
     if sites_r.size % rec_size:
         raise BadInput(img.path, f"{layout.SITES_SECTION}: {sites_r.size} bytes is not a "
@@ -217,6 +269,13 @@ def load(img: Image) -> Tables:
     if sites_r.vaddr % 4:
         raise BadInput(img.path, f"{layout.SITES_SECTION}: not 4-byte aligned")
     _check_table_placement(img, meta_r, sites_r, repl_r)
+    for name, r in ((layout.META_SECTION, meta_r), (layout.SITES_SECTION, sites_r),
+                    (layout.REPL_SECTION, repl_r)):
+        if r is None or not r.size:
+            continue
+        for what, lo, hi in img.ambiguous_ranges:
+            if r.vaddr < hi and lo < r.vaddr + r.size:
+                raise BadInput(img.path, f"{name} at {r.vaddr:#x} lies where {what}")
     return Tables(img, meta, meta_r, sites_r, repl_r, sites_r.size // rec_size, rec_size,
                   layout.site_struct(len(meta.backends)))
 
@@ -445,6 +504,7 @@ def _check_sites_clear(t: Tables, sites: list[int], lens: bytes, lo: int, hi: in
     guarded = table_ranges(t.meta_region, t.sites_region, t.repl_region) + img.guarded_ranges()
     hits = [(what, a, b) for what, off, size in guarded
             for a, b in img.file_to_vaddr_ranges(off, size) if a < hi and lo < b]
+    hits += [(what, a, b) for what, a, b in img.ambiguous_ranges if a < hi and lo < b]
     if not hits:
         return
     order = sorted(range(len(sites)), key=sites.__getitem__)

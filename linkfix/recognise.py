@@ -1,0 +1,79 @@
+"""Does every site hold what the image's state record says it holds?
+
+`patch` rewrites only bytes it recognises: before it writes a new selection,
+every site must hold exactly the bytes of the alternative the state record
+names (what `verify` computes). A site aimed at the middle of a function, or
+changed since the last patch, is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+from linkfix.errors import BadInput
+from linkfix.splice import Splicer, effective
+from linkfix.tables import Checked, Tables
+
+_CHUNK = 1 << 24
+
+
+def _offsets(sp: Splicer) -> Iterator[tuple[int, int, int]]:
+    """(record index, file offset, length) of every site."""
+    img = sp.img
+    chk = sp.chk
+    for i, s in enumerate(chk.site_addrs):
+        n = sp.shape_of(i).site_len
+        off = img.offset_of(s, n)
+        assert off is not None  # validated by check_records
+        yield i, off, n
+
+
+def _hull(sp: Splicer) -> tuple[int, int]:
+    """File offsets [lo, hi) covering every site."""
+    chk: Checked = sp.chk
+    sites = chk.site_addrs
+    if not sites:
+        return 0, 0
+    seg = chk.exec_seg
+    if seg is None:  # sites in several segments: map each (rare)
+        offs = list(_offsets(sp))
+        return min(o for _i, o, _n in offs), max(o + n for _i, o, n in offs)
+    t = sp.t
+    lens = bytes(memoryview(t.sites_bytes())[6::t.rec_size])
+    lo, hi = min(sites), max(map(operator.add, sites, lens))
+    return lo - seg.vaddr + seg.offset, hi - seg.vaddr + seg.offset
+
+
+def same_sites(sp: Splicer, a, b) -> bool:  # type: ignore[no-untyped-def]
+    """Do buffers `a` and `b` (the image's size) agree over every site?"""
+    lo, hi = _hull(sp)
+    return all(a[x:min(x + _CHUNK, hi)] == b[x:min(x + _CHUNK, hi)]
+               for x in range(lo, hi, _CHUNK))
+
+
+def differing(sp: Splicer, expected, actual) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """Record indices of the sites whose bytes differ between the two buffers."""
+    for i, off, n in _offsets(sp):
+        if expected[off:off + n] != actual[off:off + n]:
+            yield i
+
+
+def check_state(t: Tables, sp: Splicer, per_op: tuple[int, ...], source: str, out,  # type: ignore
+                src) -> None:
+    """Write the state record's selection into `out` (a copy of `src`) and refuse the
+    image unless that changed no site. Afterwards `out` equals `src` at every site."""
+    sp.apply(out, per_op)
+    if same_sites(sp, out, src):
+        return
+    i = next(differing(sp, out, src))
+    sh = sp.shape_of(i)
+    k = effective(sh, per_op[sh.op])
+    off = sp.img.offset_of(sp.chk.site_addrs[i], sh.site_len)
+    assert off is not None
+    want = bytes(out[off:off + sh.site_len]).hex()
+    got = bytes(src[off:off + sh.site_len]).hex()
+    raise BadInput(t.image.path, f"site {sp.chk.site_addrs[i]:#x} ({t.op_name(sh.op)}): "
+                                 f"holds {got}, not the {t.alt_name(k)} bytes {want} its "
+                                 f"{source} implies; refusing to overwrite bytes linkfix does "
+                                 "not recognise")
