@@ -19,7 +19,8 @@ from linkfix import fixups, layout
 from linkfix.padding import pad_cached
 from linkfix.tables import Checked, Shape, Tables, site_error
 
-_EMPTY, _STATIC, _REL32, _FIELDS, _GENERAL = range(5)
+_EMPTY, _STATIC, _REL32, _GENERAL = range(4)
+_SAME_TARGET, _SAME_FIELD, _IN_CODE = range(3)  # how _REL32 checks a copy's field
 _I32 = struct.Struct("<i")
 
 
@@ -34,7 +35,9 @@ class Splicer:
         self.chk = chk
         self.img = t.image
         self.bits = t.image.bits
+        self.mask = (1 << self.bits) - 1
         self._templates: dict[tuple[int, int], fixups.Code] = {}
+        self._targets: dict[tuple[int, int], tuple[int, ...]] = {}
 
     # -- the general path ------------------------------------------------------------------
 
@@ -78,6 +81,43 @@ class Splicer:
                                         f"{body.hex()} does not match the digest gen-stubs "
                                         f"recorded ({d.length} bytes, crc {d.crc:#010x})")
 
+    def targets(self, i: int, k: int, code: fixups.Code, body: bytes) -> tuple[int, ...]:
+        """Where the relocated PC-relative fields of site i's copy of alternative k lead
+        (the others are fixed by the digest)."""
+        b = self.chk.body_addrs(k)[i]
+        sh = self.shape_of(i)
+        out = []
+        for ins in code.insns:
+            f = ins.field
+            if f is not None and not f.internal and self.relocated(sh, k, f.pos):
+                (disp,) = struct.unpack_from(fixups.size_format(f.size), body, f.pos)
+                out.append((b + ins.off + ins.size + disp) & self.mask)
+        return tuple(out)
+
+    def relocated(self, sh: Shape, k: int, pos: int) -> bool:
+        """Is the field at `pos` one the link filled in (masked in the digest)?"""
+        return any(p == pos for p, _n in self.t.meta.digests[sh.op][k].fields)
+
+    def check_targets(self, i: int, k: int, code: fixups.Code, body: bytes) -> None:
+        """Every copy of an op's alternative reaches the same places (its thunk, its
+        variable): the digest cannot cover those fields, the other copies can. A
+        branch site's "true" jump leads to its own label, but never out of the code."""
+        sh = self.shape_of(i)
+        got = self.targets(i, k, code, body)
+        name = self.t.alt_name(k)
+        if sh.kind == layout.KIND_BRANCH:
+            for tgt in got:
+                if self.img.load_for(tgt, 1, executable=True) is None:
+                    raise site_error(self.t, i, f"alternative {name}: jumps to {tgt:#x}, "
+                                                "outside the executable segments")
+            return
+        seen = self._targets.setdefault((sh.op, k), got)
+        if seen != got:
+            where = ", ".join(f"{x:#x}" for x in got)
+            first = ", ".join(f"{x:#x}" for x in seen)
+            raise site_error(self.t, i, f"alternative {name}: reaches {where} where the op's "
+                                        f"other copies reach {first}")
+
     def site_bytes(self, i: int, k: int) -> bytes:
         """The exact bytes site i holds when patched to alternative k (k must be present)."""
         return self.placed(i, k)[0]
@@ -104,6 +144,7 @@ class Splicer:
         code = self.code_for(i, k, body)
         if not code.external:
             return body + pad_cached(L - len(body)), len(body)
+        self.check_targets(i, k, code, body)
         delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
         try:
             new = fixups.relocate(code, body, delta, L, bits=self.bits)
@@ -132,29 +173,22 @@ class Splicer:
         plan = fixups.field_plan(code)
         if plan is None or plan.length > L:
             return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
-        if len(plan.fields) == 1 and code.simple:
+        seg = self.chk.exec_seg
+        if len(plan.fields) == 1 and code.simple and (sh.kind == layout.KIND_OP or seg):
             p = code.external[0].pos
-            return (_REL32, k, blist, bdelta, L, finished, body[:p], body[p + 4:], p)
-        delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
-        try:
-            template = fixups.relocate(code, body, delta, L, widen_all=bool(plan.min_delta),
-                                       bits=self.bits)
-        except fixups.FixupError:
-            return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
-        template += pad_cached(L - len(template))
-        # The bytes every copy shares: all but the moved fields.
-        segs = []
-        pos = 0
-        for f in code.external:
-            if f.pos > pos:
-                segs.append((pos, body[pos:f.pos]))
-            pos = f.pos + f.size
-        if pos < len(body):
-            segs.append((pos, body[pos:]))
-        fields = tuple((new_pos, old_pos, struct.Struct(fixups.size_format(old_size)).unpack_from,
-                        struct.Struct(fixups.size_format(new_size)).pack_into, const)
-                       for new_pos, old_pos, old_size, new_size, const in plan.fields)
-        return (_FIELDS, k, blist, bdelta, L, template, tuple(segs), fields, plan.min_delta)
+            end = next(n.off + n.size for n in code.insns if n.field is code.external[0])
+            value = struct.unpack_from("<i", body, p)[0]
+            if not self.relocated(sh, k, p):
+                # gen-stubs assembled this field itself: the digest fixes its bytes
+                check = (_SAME_FIELD, value, 0)
+            elif sh.kind == layout.KIND_OP:
+                # value + body address is the same for every faithful copy of the body
+                check = (_SAME_TARGET, value + blist[i], 0)
+            else:  # a branch's own label: anywhere in the code segment
+                assert seg is not None
+                check = (_IN_CODE, seg.vaddr - end, seg.vaddr + seg.filesz - end)
+            return (_REL32, k, blist, bdelta, L, finished, body[:p], body[p + 4:], (p, *check))
+        return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
 
     def apply(self, out: bytearray, per_op: tuple[int, ...]) -> dict[bytes, int]:
         """Write every site's bytes for the selection into `out` (a copy of the file).
@@ -197,29 +231,20 @@ class Splicer:
                         view[so:so + L] = fin
                         continue
                 elif mode == _REL32:
-                    if find(x, bo, bo + z) == bo and find(y, bo + z + 4, bo + L) == bo + z + 4:
+                    p, how, lo, hi = z
+                    field = unpack_i32(src, bo + p)[0]
+                    got = field + b
+                    if find(x, bo, bo + p) == bo and find(y, bo + p + 4, bo + L) == bo + p + 4 \
+                            and (got == lo if how == _SAME_TARGET else
+                                 field == lo if how == _SAME_FIELD else lo <= got < hi):
                         view[so:so + L] = fin
-                        value = unpack_i32(src, bo + z)[0] + b - s
+                        value = got - s
                         try:
-                            pack_i32(out, so + z, value)
+                            pack_i32(out, so + p, value)
                         except struct.error:
                             if not wraps:
                                 raise
-                            pack_i32(out, so + z, fixups.wrap32(value))
-                        continue
-                elif mode == _FIELDS:
-                    d = b - s
-                    if (d > z or -d > z) and all(find(seg_, bo + at, bo + at + len(seg_))
-                                                 == bo + at for at, seg_ in x):
-                        view[so:so + L] = fin
-                        for new_pos, old_pos, unpack, pack, const in y:
-                            value = unpack(src, bo + old_pos)[0] + d + const
-                            try:
-                                pack(out, so + new_pos, value)
-                            except struct.error:
-                                if not wraps:
-                                    raise
-                                pack(out, so + new_pos, fixups.wrap32(value))
+                            pack_i32(out, so + p, fixups.wrap32(value))
                         continue
                 view[so:so + L] = self.site_bytes(i, k)
         except struct.error:

@@ -258,9 +258,14 @@ def test_truncated_and_inconsistent_tables(elf: Elf) -> None:
     meta_size = elf.t.meta_region.size
     sites_size = elf.t.sites_region.size
     cases: list[tuple[Callable[[Elf], None], str]] = [
-        (lambda e: e.section(meta, size=20), f"{meta}: 20 bytes, too short for a header"),
+        (lambda e: e.section(meta, size=20),
+         f"{meta}: section {meta} gives {elf.t.meta_region.vaddr:#x} (20 bytes) but "
+         f"__linkfix_meta_start..__linkfix_meta_end gives {elf.t.meta_region.vaddr:#x} "
+         f"({meta_size} bytes)"),
         (lambda e: e.section(".linkfix.sites", size=sites_size - 4),
-         f".linkfix.sites: {sites_size - 4} bytes is not a multiple of the 40-byte record"),
+         f".linkfix.sites: section .linkfix.sites gives {elf.t.sites_region.vaddr:#x} "
+         f"({sites_size - 4} bytes) but __linkfix_sites_start..__linkfix_sites_end gives "
+         f"{elf.t.sites_region.vaddr:#x} ({sites_size} bytes)"),
         (lambda e: e.meta(14, "<H", 0), f"{meta}: n_ops {n_ops} / n_backends 0 inconsistent"),
         (lambda e: e.meta(18, "<H", 0x7000), f"{meta}: name table runs past the header"),
         (lambda e: e.meta(18, "<H", e.t.meta_region.size - 28 - n_ops - 4),
@@ -278,10 +283,9 @@ def test_truncated_and_inconsistent_tables(elf: Elf) -> None:
          f"{meta}: the last 3 ops must be backend_is(native), backend_is(xen), "
          "backend_is(lguest)"),
         (lambda e: e.section(meta, size=meta_size + 64),
-         f"{meta}: {meta_size + 64} bytes where one header takes {meta_size}: more than one "
-         "linkfix header linked into the image?"),
-        (lambda e: e.section(meta, addr=si.BASE64 if e.w64 else si.BASE32, offset=0),
-         f"{meta}: bad magic {bytes(elf.data[:8])!r}"),
+         f"{meta}: section {meta} gives {elf.t.meta_region.vaddr:#x} ({meta_size + 64} bytes) "
+         "but __linkfix_meta_start..__linkfix_meta_end gives "
+         f"{elf.t.meta_region.vaddr:#x} ({meta_size} bytes)"),
     ]
     for mutate, message in cases:
         e = Elf(Path(elf.img.path), elf.path)
@@ -297,22 +301,28 @@ def test_tables_overlapping_each_other_or_the_headers(elf: Elf) -> None:
     # .linkfix.repl moved onto the site records.
     elf.section(".linkfix.repl", addr=sites.vaddr, offset=sites.offset)
     refused(command("patch", elf.write(), out), elf.path,
-            f".linkfix.sites (file offset {sites.offset:#x}, {sites.size} bytes) overlaps "
-            ".linkfix.repl", out)
+            f".linkfix.repl: section .linkfix.repl gives {sites.vaddr:#x} ({repl.size} bytes) "
+            f"but __linkfix_repl_start..__linkfix_repl_end gives {repl.vaddr:#x} "
+            f"({repl.size} bytes)", out)
     # .linkfix.repl moved onto the ELF header (the first PT_LOAD maps file offset 0).
     e = Elf(Path(elf.img.path), elf.path)
     base_vaddr = e.img.load_segments[0].vaddr
     e.section(".linkfix.repl", addr=base_vaddr, offset=0)
     refused(command("verify", e.write(), out), elf.path,
-            f".linkfix.repl (file offset 0x0, {repl.size} bytes) overlaps the ELF header", out)
+            f".linkfix.repl: section .linkfix.repl gives {base_vaddr:#x} ({repl.size} bytes) "
+            f"but __linkfix_repl_start..__linkfix_repl_end gives {repl.vaddr:#x} "
+            f"({repl.size} bytes)", out)
 
 
 def test_table_not_file_backed(elf: Elf) -> None:
     out = elf.path.parent / "out"
     bss = max(s.vaddr + s.memsz for s in elf.img.load_segments) - 16
     elf.section(layout.META_SECTION, addr=bss)
+    meta = elf.t.meta_region
     refused(command("inspect", elf.write(), out), elf.path,
-            f"section .linkfix.meta at {bss:#x} is not file-backed in a PT_LOAD segment", out)
+            f".linkfix.meta: section .linkfix.meta gives {bss:#x} ({meta.size} bytes) but "
+            f"__linkfix_meta_start..__linkfix_meta_end gives {meta.vaddr:#x} "
+            f"({meta.size} bytes)", out)
 
 
 def test_table_symbols_end_before_start(tmp_path: Path) -> None:
@@ -342,8 +352,10 @@ def test_sites_table_not_aligned(elf: Elf) -> None:
     out = elf.path.parent / "out"
     sites = elf.t.sites_region
     elf.section(".linkfix.sites", addr=sites.vaddr + 2, offset=sites.offset + 2)
-    refused(command("patch", elf.write(), out), elf.path, ".linkfix.sites: not 4-byte aligned",
-            out)
+    refused(command("patch", elf.write(), out), elf.path,
+            f".linkfix.sites: section .linkfix.sites gives {sites.vaddr + 2:#x} "
+            f"({sites.size} bytes) but __linkfix_sites_start..__linkfix_sites_end gives "
+            f"{sites.vaddr:#x} ({sites.size} bytes)", out)
 
 
 def test_record_without_generic_alternative(elf: Elf) -> None:
@@ -478,14 +490,17 @@ def test_bodies_that_cannot_be_placed(elf: Elf) -> None:
     s0 = elf.site_addr(0)
     # op_a native `cli` replaced by a lone 0x0f: no instruction.
     _put_body(elf, 0, 1, b"\x0f")
+    d = elf.t.meta.digests[0][1]
     refused(command("patch", elf.write(), out, "native"), elf.path,
-            f"site {s0:#x} (op_a): alternative native: body does not decode at +0x0 (0f)", out)
+            f"site {s0:#x} (op_a): alternative native: body 0f does not match the digest "
+            f"gen-stubs recorded ({d.length} bytes, crc {d.crc:#010x})", out)
     # op_a lguest (5 bytes): `je` into the middle of a `jmp` that leaves the body.
     e = Elf(Path(elf.img.path), elf.path)
     _put_body(e, 0, 3, b"\x74\x01\xeb\xf9\x90")
+    d = elf.t.meta.digests[0][3]
     refused(command("patch", e.write(), out, "lguest"), elf.path,
-            f"site {s0:#x} (op_a): alternative lguest: 'je 3' jumps into the middle of an "
-            "instruction", out)
+            f"site {s0:#x} (op_a): alternative lguest: body 7401ebf990 does not match the "
+            f"digest gen-stubs recorded ({d.length} bytes, crc {d.crc:#010x})", out)
     # backend_is(xen) (record 11): the true branch flagged as a jmp but not one.
     e = Elf(Path(elf.img.path), elf.path)
     _put_body(e, 11, 2, b"\x90")
@@ -512,8 +527,12 @@ def test_rip_relative_displacement_out_of_range(tmp_path: Path, i: int) -> None:
     if i == 0:  # the first copy of the body is decoded and relocated in full
         message = (f"'mov dword ptr [rip + 0x7fffff00], 0': displacement {value:#x} does not "
                    "fit in 32 bits at the site")
-    else:  # later copies take the fast path, which patches the field in place
-        message = "relocated displacement does not fit in 32 bits"
+    else:  # a later copy reaches elsewhere than the first: not what the link wrote
+        first = e.img.offset_of(e.body_addr(0, 3))
+        assert first is not None
+        reach = e.body_addr(0, 3) + 10 + struct.unpack_from("<i", e.data, first + 2)[0]
+        message = (f"reaches {0x7FFFFF00 + e.body_addr(i, 3) + 10:#x} where the op's other "
+                   f"copies reach {reach:#x}")
     refused(command("patch", path, out, "lguest"), path, where + message, out)
 
 
@@ -522,8 +541,8 @@ def test_inspect_shows_a_body_that_cannot_be_placed(elf: Elf) -> None:
     _put_body(elf, 0, 1, b"\x0f")
     rc, out, err = run("inspect", str(elf.write()))
     assert rc == 0, err
-    assert "native     (cannot be placed: alternative native: body does not decode at +0x0 (0f))" \
-        in out
+    assert "native     (cannot be placed: alternative native: body 0f does not match the " \
+        "digest gen-stubs recorded" in out
 
 
 # -- selection -------------------------------------------------------------------------------

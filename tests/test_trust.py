@@ -1,0 +1,257 @@
+"""patch never writes a byte it cannot prove right: the examples of a hostile image.
+
+Every image here is real: gen-stubs output of tests/specs/<arch>.toml compiled by
+gcc and linked by GNU ld with ldscripts/minimal.lds. Each corruption must end
+in one line and exit 2 from patch (and from verify where it reads the same
+bytes), with no output written.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_patch_ld import USES_C
+
+from linkfix import image, tables
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "tests" / "specs"
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "linkfix", *argv], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def _sh(cmd: list[str], cwd: Path) -> None:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert r.returncode == 0, (cmd, r.stderr)
+
+
+def build(arch: str, work: Path) -> Path:
+    out = work / "stubs"
+    _sh([sys.executable, "-m", "linkfix", "gen-stubs", str(SPECS / f"{arch}.toml"), "-o",
+         str(out)], ROOT)
+    m = ["-m32", "-mregparm=3"] if arch == "i386" else ["-mno-red-zone"]
+    (work / "uses.c").write_text(USES_C)
+    cc = ["gcc", *m, "-O2", "-ffreestanding", "-fno-pic", "-fno-stack-protector", f"-I{out}",
+          "-c"]
+    _sh([*cc, "uses.c", "-o", "uses.o"], work)
+    _sh([*cc, str(out / "linkfix_ops.c"), "-o", "ops.o"], work)
+    _sh(["gcc", *m[:1], "-c", str(out / "linkfix_thunks.S"), "-o", "thunks.o"], work)
+    emu = "elf_i386" if arch == "i386" else "elf_x86_64"
+    _sh(["ld", "-m", emu, "-L", str(out), "-T", str(ROOT / "ldscripts" / "minimal.lds"),
+         "-o", "vmlinux", "uses.o", "ops.o", "thunks.o"], work)
+    return work / "vmlinux"
+
+
+@pytest.fixture(scope="module", params=["x86_64", "i386"])
+def linked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+class Mut:
+    """A copy of the linked image to corrupt, with its parsed tables."""
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.src, self.path = src, dst
+        self.data = bytearray(src.read_bytes())
+        self.img = image.Image(str(src), bytes(self.data))
+        self.t = tables.load(self.img)
+        self.chk = tables.check_records(self.t)
+        self.w64 = self.img.bits == 64
+
+    def site_of(self, op: str) -> int:
+        k = self.t.meta.ops.index(op)
+        return next(i for i in range(self.t.n_sites) if self.t.shape(i).op == k)
+
+    def write(self) -> Path:
+        self.path.write_bytes(self.data)
+        return self.path
+
+    def phdr(self, index: int) -> int:
+        phoff = struct.unpack_from("<Q" if self.w64 else "<I", self.data, 32 if self.w64 else 28)[0]
+        return phoff + index * (56 if self.w64 else 32)
+
+    def set_phdr(self, index: int, **fields: int) -> None:
+        where64 = {"type": (0, "<I"), "flags": (4, "<I"), "offset": (8, "<Q"),
+                   "vaddr": (16, "<Q"), "filesz": (32, "<Q"), "memsz": (40, "<Q")}
+        where32 = {"type": (0, "<I"), "offset": (4, "<I"), "vaddr": (8, "<I"),
+                   "filesz": (16, "<I"), "memsz": (20, "<I"), "flags": (24, "<I")}
+        for name, value in fields.items():
+            off, fmt = (where64 if self.w64 else where32)[name]
+            struct.pack_into(fmt, self.data, self.phdr(index) + off, value)
+
+    def set_section(self, name: str, size: int) -> None:
+        shoff = struct.unpack_from("<Q" if self.w64 else "<I", self.data, 40 if self.w64 else 32)[0]
+        sec = self.img.section(name)
+        assert sec is not None
+        at = shoff + sec.index * (64 if self.w64 else 40) + (32 if self.w64 else 20)
+        struct.pack_into("<Q" if self.w64 else "<I", self.data, at, size)
+
+    def set_symbol(self, name: str, value: int) -> None:
+        symtab = next(s for s in self.img.sections if s.type == image.SHT_SYMTAB)
+        strtab = self.img.sections[symtab.link]
+        ent = 24 if self.w64 else 16
+        for j in range(symtab.size // ent):
+            at = symtab.offset + j * ent
+            (n,) = struct.unpack_from("<I", self.data, at)
+            s0 = strtab.offset + n
+            if bytes(self.data[s0:self.data.index(b"\0", s0)]) == name.encode():
+                struct.pack_into("<Q" if self.w64 else "<I", self.data,
+                                 at + (8 if self.w64 else 4), value)
+                return
+        raise AssertionError(name)
+
+
+def refused(r: subprocess.CompletedProcess[str], path: Path, text: str,
+            out: Path | None = None) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"linkfix: {path}: "), r.stderr
+    assert text in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    if out is not None:
+        assert not out.exists()
+    return r.stderr
+
+
+def test_record_aimed_into_a_function_is_not_overwritten(linked: Path, tmp_path: Path) -> None:
+    m = Mut(linked, tmp_path / "vmlinux")
+    i = m.site_of("irq_disable")
+    fn = m.img.symbol_value("linkfix_boot_select")
+    assert fn is not None
+    f1 = fn + 8  # the middle of a function with no site of its own
+    assert all(not fn <= s < fn + 64 for s in m.chk.site_addrs)
+    rec = m.t.sites_region.offset + i * m.t.rec_size
+    struct.pack_into("<i", m.data, rec, f1 - (m.t.record_vaddr(i)))
+    path = m.write()
+    out = tmp_path / "out"
+    # verify already disagrees (exit 3); patch must refuse rather than write xen's body there.
+    assert run("verify", str(path)).returncode == 3
+    refused(run("patch", str(path), "-o", str(out), "--target", "xen"), path,
+            f"site {f1:#x} (irq_disable): holds ", out)
+    err = run("patch", str(path), "-o", str(out), "--target", "xen").stderr
+    assert "its state record implies; refusing to overwrite bytes linkfix does not recognise" \
+        in err
+
+
+def test_flipped_bit_in_a_body_is_refused(linked: Path, tmp_path: Path) -> None:
+    m = Mut(linked, tmp_path / "vmlinux")
+    i = m.site_of("irq_disable")
+    k = m.t.meta.backends.index("native") + 1
+    b = m.chk.body_addrs(k)[i]
+    off = m.img.offset_of(b)
+    assert off is not None and m.data[off] == 0xFA  # cli
+    m.data[off] = 0xFB  # sti: every irq_disable() would enable interrupts
+    path = m.write()
+    out = tmp_path / "out"
+    for argv in (["patch", str(path), "-o", str(out), "--target", "native"],
+                 ["verify", str(path), "--target", "native"]):
+        refused(run(*argv), path, "alternative native: body fb does not match the digest "
+                                  "gen-stubs recorded", out)
+
+
+def test_a_copy_calling_elsewhere_is_refused(linked: Path, tmp_path: Path) -> None:
+    m = Mut(linked, tmp_path / "vmlinux")
+    sites = [i for i in range(m.t.n_sites) if m.t.shape(i).op == m.t.meta.ops.index("save_fl")]
+    assert len(sites) >= 1
+    k = m.t.meta.backends.index("xen") + 1
+    i = sites[-1]
+    off = m.img.offset_of(m.chk.body_addrs(k)[i])
+    assert off is not None and m.data[off] == 0xE8
+    struct.pack_into("<i", m.data, off + 1, struct.unpack_from("<i", m.data, off + 1)[0] + 16)
+    # The generic alternative (the dispatch call) of another op, aimed elsewhere too.
+    j = m.site_of("irq_enable")
+    goff = m.img.offset_of(m.chk.body_addrs(0)[j])
+    assert goff is not None
+    path = m.write()
+    out = tmp_path / "out"
+    if len(sites) > 1:
+        refused(run("patch", str(path), "-o", str(out), "--target", "xen"), path,
+                "alternative xen: reaches ", out)
+    m2 = Mut(linked, tmp_path / "v2")
+    m2.data[goff + 4] ^= 0x40
+    p2 = m2.write()
+    r = run("patch", str(p2), "-o", str(out), "--target", "native")
+    refused(r, p2, "(irq_enable): ", out)
+
+
+def test_overlapping_load_segments_are_refused(linked: Path, tmp_path: Path) -> None:
+    m = Mut(linked, tmp_path / "vmlinux")
+    t = next(s for s in m.img.load_segments if s.executable)
+    # Another program header (PT_GNU_STACK) turned into a second mapping of the
+    # sites' addresses, from other file bytes: the loader and patch would disagree.
+    other = next(n for n, seg in enumerate(m.img.segments) if seg[0] != image.PT_LOAD)
+    m.set_phdr(other, type=image.PT_LOAD, flags=5, vaddr=t.vaddr, offset=t.offset + 0x40,
+               filesz=t.filesz - 0x40, memsz=t.filesz - 0x40)
+    path = m.write()
+    out = tmp_path / "out"
+    err = refused(run("patch", str(path), "-o", str(out), "--target", "xen"), path,
+                  "PT_LOAD segments", out)
+    assert "overlapping addresses" in err or "the same file bytes" in err
+
+
+def test_site_past_the_file_bytes_is_refused(linked: Path, tmp_path: Path) -> None:
+    m = Mut(linked, tmp_path / "vmlinux")
+    segs = m.img.load_segments
+    text = next(n for n, s in enumerate(segs) if s.executable)
+    t = segs[text]
+    first = min(m.chk.site_addrs)
+    m.set_phdr(text, filesz=first - t.vaddr)  # p_filesz < p_memsz over every site
+    path = m.write()
+    out = tmp_path / "out"
+    r = run("patch", str(path), "-o", str(out), "--target", "xen")
+    assert r.returncode == 2
+    # Here the tables lie past the file bytes too: whichever is checked first refuses.
+    assert "not in the file bytes of its PT_LOAD segment" in r.stderr or \
+        "is not file-backed in a PT_LOAD segment" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["section-shrunk", "section-zeroed", "symbol-end",
+                                 "both-shrunk"])
+def test_sites_table_described_short_is_refused(linked: Path, tmp_path: Path, how: str) -> None:
+    m = Mut(linked, tmp_path / "vmlinux")
+    r = m.t.sites_region
+    rs = m.t.rec_size
+    if how == "section-shrunk":
+        m.set_section(".linkfix.sites", r.size - rs)
+    elif how == "section-zeroed":
+        m.set_section(".linkfix.sites", 0)
+    elif how == "symbol-end":
+        m.set_symbol("__linkfix_sites_end", r.vaddr + r.size - rs)
+    else:  # section and symbols agree with each other, not with the header's link-time bounds
+        m.set_section(".linkfix.sites", r.size - rs)
+        m.set_symbol("__linkfix_sites_end", r.vaddr + r.size - rs)
+    path = m.write()
+    out = tmp_path / "out"
+    err = refused(run("patch", str(path), "-o", str(out), "--target", "xen"), path,
+                  ".linkfix.sites: ", out)
+    assert "gives" in err
+    if how == "both-shrunk":
+        assert "the bounds in .linkfix.meta" in err
+
+
+def test_sparse_image_is_read_through_mmap(tmp_path: Path, linked: Path) -> None:
+    """A 2 GB sparse image is patched without holding it in memory (input mapped,
+    output a kernel copy edited through a mapping): peak RSS stays far below 2 GB."""
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.write(linked.read_bytes())
+        f.truncate(2 << 30)  # a hole after the image: same ELF, a 2 GB file
+    out = tmp_path / "out"
+    code = ("import resource, subprocess, sys; "
+            f"r = subprocess.run([sys.executable, '-m', 'linkfix', 'patch', '{path}', '-o', "
+            f"'{out}', '--target', 'xen', '-q']); "
+            "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    rc, rss_kib = map(int, r.stdout.split())
+    assert rc == 0, r.stderr
+    assert rss_kib < 512 * 1024, rss_kib
+    assert out.stat().st_size == 2 << 30
+    with open(out, "rb") as f:
+        assert f.read(16) == linked.read_bytes()[:16]
