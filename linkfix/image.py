@@ -316,9 +316,40 @@ class Image:
         return []
 
     def symbol_value(self, name: str) -> int | None:
-        for sym in self.symbols:
-            if sym.name == name and sym.shndx != 0:
-                return sym.value
+        """The value of the first defined symbol `name` (no full symbol table parse:
+        the name's string offsets are found in the string table, then matched
+        against the st_name column)."""
+        if "symbols" in self.__dict__:
+            return next((s.value for s in self.symbols if s.name == name and s.shndx != 0),
+                        None)
+        sec = next((s for typ in (SHT_SYMTAB, SHT_DYNSYM) for s in self.sections
+                    if s.type == typ), None)
+        if sec is None or sec.link >= len(self.sections):
+            return None
+        strs = self.sections[sec.link]
+        strtab = self.data[strs.offset:strs.offset + strs.size]
+        key = name.encode() + b"\0"
+        offsets = set()
+        at = strtab.find(key)
+        while at >= 0:
+            if at == 0 or strtab[at - 1] == 0:
+                offsets.add(at)
+            at = strtab.find(key, at + 1)
+        if not offsets:
+            return None
+        ent = 24 if self.bits == 64 else 16
+        n = sec.size // ent
+        if n == 0:
+            return None
+        cols = memoryview(self.data[sec.offset:sec.offset + n * ent]).cast("I")
+        names = cols[::ent // 4]
+        fmt = struct.Struct("<IBBHQQ" if self.bits == 64 else "<IIIBBH")
+        for j, v in enumerate(names):
+            if v in offsets:
+                f = fmt.unpack_from(self.data, sec.offset + j * ent)
+                value, shndx = (f[4], f[3]) if self.bits == 64 else (f[1], f[5])
+                if shndx != 0:
+                    return value
         return None
 
     @cached_property

@@ -19,7 +19,7 @@ from linkfix import fixups, layout
 from linkfix.padding import pad_cached
 from linkfix.tables import Checked, Shape, Tables, site_error
 
-_EMPTY, _STATIC, _REL32, _GENERAL = range(4)
+_EMPTY, _STATIC, _REL32, _FIELDS, _GENERAL = range(5)
 _SAME_TARGET, _SAME_FIELD, _IN_CODE = range(3)  # how _REL32 checks a copy's field
 _I32 = struct.Struct("<i")
 
@@ -188,7 +188,36 @@ class Splicer:
                 assert seg is not None
                 check = (_IN_CODE, seg.vaddr - end, seg.vaddr + seg.filesz - end)
             return (_REL32, k, blist, bdelta, L, finished, body[:p], body[p + 4:], (p, *check))
-        return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
+        if sh.kind != layout.KIND_OP:
+            return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
+        delta = blist[i] - self.chk.site_addrs[i]
+        try:
+            template = fixups.relocate(code, body, delta, L, widen_all=bool(plan.min_delta),
+                                       bits=self.bits)
+        except fixups.FixupError:
+            return (_GENERAL, k, blist, bdelta, L, None, None, None, None)
+        template += pad_cached(L - len(template))
+        # The bytes every copy shares: all but the fields the link filled in (the
+        # others are pinned by the digest, so they must equal this copy's).
+        linked = [f for f in code.external if self.relocated(sh, k, f.pos)]
+        segs = []
+        pos = 0
+        for f in linked:
+            if f.pos > pos:
+                segs.append((pos, body[pos:f.pos]))
+            pos = f.pos + f.size
+        if pos < len(body):
+            segs.append((pos, body[pos:]))
+        fields = []
+        for new_pos, old_pos, old_size, new_size, const in plan.fields:
+            unpack = struct.Struct(fixups.size_format(old_size)).unpack_from
+            # value + body address is the same for every faithful copy of a linked field
+            want = unpack(body, old_pos)[0] + blist[i] if any(f.pos == old_pos for f in linked) \
+                else None
+            fields.append((new_pos, old_pos, unpack,
+                           struct.Struct(fixups.size_format(new_size)).pack_into, const, want))
+        return (_FIELDS, k, blist, bdelta, L, template, tuple(segs), tuple(fields),
+                plan.min_delta)
 
     def apply(self, out: bytearray, per_op: tuple[int, ...]) -> dict[bytes, int]:
         """Write every site's bytes for the selection into `out` (a copy of the file).
@@ -246,6 +275,24 @@ class Splicer:
                                 raise
                             pack_i32(out, so + p, fixups.wrap32(value))
                         continue
+                elif mode == _FIELDS:
+                    d = b - s
+                    if (d > z or -d > z) and all(find(seg_, bo + at, bo + at + len(seg_))
+                                                 == bo + at for at, seg_ in x):
+                        values = [unpack(src, bo + old_pos)[0] for _n, old_pos, unpack, _p,
+                                  _c, _w in y]
+                        if all(w is None or v + b == w
+                               for v, (_n, _o, _u, _p, _c, w) in zip(values, y, strict=True)):
+                            view[so:so + L] = fin
+                            for v, (new_pos, _o, _u, pack, const, _w) in zip(values, y,
+                                                                               strict=True):
+                                try:
+                                    pack(out, so + new_pos, v + d + const)
+                                except struct.error:
+                                    if not wraps:
+                                        raise
+                                    pack(out, so + new_pos, fixups.wrap32(v + d + const))
+                            continue
                 view[so:so + L] = self.site_bytes(i, k)
         except struct.error:
             raise site_error(self.t, i, f"alternative {self.t.alt_name(plans[key][1])}: "
