@@ -1,7 +1,7 @@
 """Read a linked ELF image: header, PT_LOAD segments, sections, symbols, relocations.
 
-Plain `struct` parsing of the file, mapped read-only (a large image costs only
-the pages looked at): it is much faster than
+Plain `struct` parsing of the file (read into memory, or mapped read-only when it
+is large: then it costs only the pages looked at): it is much faster than
 lief on large symbol tables and never writes anything. linkfix produces its
 output by copying these bytes and patching them at file offsets, so the only
 address translation that matters is vaddr -> file offset through PT_LOAD
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 
 from linkfix.errors import BadInput
-from linkfix.fileio import map_regular
+from linkfix.fileio import map_regular, read_regular
 
 EM_386 = 3
 EM_X86_64 = 62
@@ -478,9 +479,15 @@ class Image:
         return out
 
 
+# Up to this size an image is read into memory (bytes are faster to search than a
+# mapping); a larger one is mapped, so that it never needs its size in RAM twice.
+READ_LIMIT = 1 << 30
+
+
 def load(path: str) -> Image:
     try:
-        data = map_regular(path)
+        size = os.stat(path).st_size
+        data = read_regular(path) if size <= READ_LIMIT else map_regular(path)
     except OSError as exc:
         raise BadInput(path, f"cannot read: {exc.strerror}") from None
     return Image(path, data)

@@ -43,12 +43,11 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     chk = tables.check_records(t)
     sp = Splicer(t, chk)
     now = selection.from_state(t.meta)
+    # Recognise every site before anything is written.
+    recognise.check_state(t, sp, now.per_op, "state record", img.data)
     result: dict[str, object] = {}
 
     def edit(out) -> None:  # noqa: ANN001 - the output's writable mapping
-        # Recognise every site first (this rewrites the bytes it already holds),
-        # then write the new selection over them.
-        recognise.check_state(t, sp, now.per_op, "state record", out, img.data)
         eff = sp.apply(out, sel.per_op)
         result["relocs"] = relocs.update(sp, eff, out)
         state = op_state(t, chk, sel.per_op, eff)

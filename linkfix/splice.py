@@ -29,6 +29,14 @@ def effective(shape: Shape, k: int) -> int:
     return k if shape.alts[k].present else layout.GENERIC
 
 
+def starts_with(data):  # type: ignore[no-untyped-def]
+    """`data.startswith(x, at)` for bytes, and its equivalent for a mapped file."""
+    if isinstance(data, bytes):
+        return data.startswith
+    find = data.find
+    return lambda x, at: find(x, at, at + len(x)) == at
+
+
 class Splicer:
     def __init__(self, t: Tables, chk: Checked) -> None:
         self.t = t
@@ -38,6 +46,7 @@ class Splicer:
         self.mask = (1 << self.bits) - 1
         self._templates: dict[tuple[int, int], fixups.Code] = {}
         self._targets: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._groups: dict[bytes, list[int]] | None = None
 
     # -- the general path ------------------------------------------------------------------
 
@@ -219,17 +228,97 @@ class Splicer:
         return (_FIELDS, k, blist, bdelta, L, template, tuple(segs), tuple(fields),
                 plan.min_delta)
 
-    def apply(self, out: bytearray, per_op: tuple[int, ...]) -> dict[bytes, int]:
+    def groups(self) -> dict[bytes, list[int]]:
+        """Record indices by shape key (computed once: patch applies twice)."""
+        if self._groups is None:
+            groups: dict[bytes, list[int]] = {}
+            for i, key in enumerate(self.chk.keys()):
+                g = groups.get(key)
+                if g is None:
+                    groups[key] = [i]
+                else:
+                    g.append(i)
+            self._groups = groups
+        return self._groups
+
+    def apply(self, out, per_op: tuple[int, ...]) -> dict[bytes, int]:  # type: ignore[no-untyped-def]
         """Write every site's bytes for the selection into `out` (a copy of the file).
 
-        Returns the effective alternative chosen for every record shape.
+        Sites are handled shape by shape, so the per-shape decisions are made
+        once and the inner loops stay small. Returns the effective alternative
+        chosen for every record shape.
         """
+        plans: dict[bytes, tuple] = {}
+        view = memoryview(out)
+        try:
+            for key, idxs in self.groups().items():
+                p = plans[key] = self._plan(idxs[0], key, per_op)
+                self._write_group(out, view, p, idxs)
+        finally:
+            view.release()
+        return {key: p[1] for key, p in plans.items()}
+
+    def first_mismatch(self, per_op: tuple[int, ...]) -> int | None:
+        """The first record (by shape) whose site does not hold the bytes `per_op`
+        implies, or None: what `apply` would write, checked without writing."""
+        src = self.img.data
+        starts = starts_with(src)
+        sites = self.chk.site_addrs
+        seg = self.chk.exec_seg
+        offset_of = self.img.offset_of
+        unpack_i32 = _I32.unpack_from
+        for key, idxs in self.groups().items():
+            mode, k, blist, bdelta, L, fin, x, y, z = self._plan(idxs[0], key, per_op)
+            if seg is None or bdelta is None or mode not in (_EMPTY, _STATIC, _REL32):
+                for i in idxs:
+                    so = offset_of(sites[i], L)
+                    if src[so:so + L] != self.site_bytes(i, k):
+                        return i
+                continue
+            sdelta = seg.vaddr - seg.offset
+            if mode == _EMPTY or mode == _STATIC:
+                for i in idxs:
+                    so = sites[i] - sdelta
+                    if not starts(fin, so):
+                        return i
+                    if mode == _STATIC:
+                        bo = blist[i] - bdelta
+                        if not starts(x, bo) and self.site_bytes(i, k) != fin:
+                            return i
+                continue
+            pos, how, lo, hi = z
+            end = pos + 4
+            head, tail = fin[:pos], fin[end:]
+            if how == _SAME_TARGET:
+                # Every faithful site of this shape reaches `lo` + end: no body to read.
+                for i in idxs:
+                    s = sites[i]
+                    so = s - sdelta
+                    if unpack_i32(src, so + pos)[0] + s != lo or not starts(head, so) \
+                            or (tail and not starts(tail, so + end)):
+                        return i
+                continue
+            for i in idxs:
+                s = sites[i]
+                b = blist[i]
+                so, bo = s - sdelta, b - bdelta
+                field = unpack_i32(src, bo + pos)[0]
+                got = field + b
+                if starts(x, bo) and starts(y, bo + end) \
+                        and (field == lo if how == _SAME_FIELD else lo <= got < hi):
+                    if not starts(head, so) or not starts(tail, so + end) \
+                            or unpack_i32(src, so + pos)[0] + s != got:
+                        return i
+                elif src[so:so + L] != self.site_bytes(i, k):
+                    return i
+        return None
+
+    def _write_group(self, out, view: memoryview, p: tuple, idxs: list[int]) -> None:  # type: ignore[no-untyped-def]
         chk = self.chk
         img = self.img
         sites = chk.site_addrs
         src = img.data
-        find = src.find
-        plans: dict[bytes, tuple] = {}
+        starts = starts_with(src)
         seg = chk.exec_seg
         # Validation found the one segment holding all sites (and, per alternative,
         # all bodies) in the usual case: then a subtraction maps vaddr to file offset.
@@ -238,47 +327,69 @@ class Splicer:
         pack_i32 = _I32.pack_into
         unpack_i32 = _I32.unpack_from
         offset_of = img.offset_of
-        view = memoryview(out)
         wraps = self.bits == 32  # i386 displacements wrap around the 4 GiB space
+        mode, k, blist, bdelta, L, fin, x, y, z = p
         i = -1
-        key = b""
         try:
-            for i, key in enumerate(chk.keys()):
-                p = plans.get(key)
-                if p is None:
-                    p = plans[key] = self._plan(i, key, per_op)
-                mode, k, blist, bdelta, L, fin, x, y, z = p
+            if mode == _EMPTY:
+                for i in idxs:
+                    s = sites[i]
+                    so = s - sdelta if one_seg else offset_of(s, L)
+                    view[so:so + L] = fin
+                return
+            if mode == _REL32 and one_seg and bdelta is not None:
+                pos, how, lo, hi = z
+                px, py = x, y
+                end = pos + 4
+                for i in idxs:
+                    s = sites[i]
+                    b = blist[i]
+                    bo = b - bdelta
+                    field = unpack_i32(src, bo + pos)[0]
+                    got = field + b
+                    if starts(px, bo) and starts(py, bo + end) \
+                            and (got == lo if how == _SAME_TARGET else
+                                 field == lo if how == _SAME_FIELD else lo <= got < hi):
+                        so = s - sdelta
+                        view[so:so + L] = fin
+                        try:
+                            pack_i32(out, so + pos, got - s)
+                        except struct.error:
+                            if not wraps:
+                                raise
+                            pack_i32(out, so + pos, fixups.wrap32(got - s))
+                    else:
+                        so = s - sdelta
+                        view[so:so + L] = self.site_bytes(i, k)
+                return
+            for i in idxs:
                 s = sites[i]
                 so = s - sdelta if one_seg else offset_of(s, L)
-                if mode == _EMPTY:
-                    view[so:so + L] = fin
-                    continue
                 b = blist[i]
                 bo = b - bdelta if bdelta is not None else offset_of(b, 1)
                 if mode == _STATIC:
-                    if find(x, bo, bo + z) == bo:
+                    if starts(x, bo):
                         view[so:so + L] = fin
                         continue
                 elif mode == _REL32:
-                    p, how, lo, hi = z
-                    field = unpack_i32(src, bo + p)[0]
+                    pos, how, lo, hi = z
+                    field = unpack_i32(src, bo + pos)[0]
                     got = field + b
-                    if find(x, bo, bo + p) == bo and find(y, bo + p + 4, bo + L) == bo + p + 4 \
+                    if starts(x, bo) and starts(y, bo + pos + 4) \
                             and (got == lo if how == _SAME_TARGET else
                                  field == lo if how == _SAME_FIELD else lo <= got < hi):
                         view[so:so + L] = fin
                         value = got - s
                         try:
-                            pack_i32(out, so + p, value)
+                            pack_i32(out, so + pos, value)
                         except struct.error:
                             if not wraps:
                                 raise
-                            pack_i32(out, so + p, fixups.wrap32(value))
+                            pack_i32(out, so + pos, fixups.wrap32(value))
                         continue
                 elif mode == _FIELDS:
                     d = b - s
-                    if (d > z or -d > z) and all(find(seg_, bo + at, bo + at + len(seg_))
-                                                 == bo + at for at, seg_ in x):
+                    if (d > z or -d > z) and all(starts(seg_, bo + at) for at, seg_ in x):
                         values = [unpack(src, bo + old_pos)[0] for _n, old_pos, unpack, _p,
                                   _c, _w in y]
                         if all(w is None or v + b == w
@@ -295,8 +406,5 @@ class Splicer:
                             continue
                 view[so:so + L] = self.site_bytes(i, k)
         except struct.error:
-            raise site_error(self.t, i, f"alternative {self.t.alt_name(plans[key][1])}: "
-                                        "relocated displacement does not fit in 32 bits") \
-                from None
-        view.release()
-        return {key: p[1] for key, p in plans.items()}
+            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: relocated "
+                                        "displacement does not fit in 32 bits") from None
