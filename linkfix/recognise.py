@@ -52,13 +52,6 @@ def same_sites(sp: Splicer, a, b) -> bool:  # type: ignore[no-untyped-def]
                for x in range(lo, hi, _CHUNK))
 
 
-def differing(sp: Splicer, expected, actual) -> Iterator[int]:  # type: ignore[no-untyped-def]
-    """Record indices of the sites whose bytes differ between the two buffers."""
-    for i, off, n in _offsets(sp):
-        if expected[off:off + n] != actual[off:off + n]:
-            yield i
-
-
 def check_state(t: Tables, sp: Splicer, per_op: tuple[int, ...], source: str, src) -> None:  # type: ignore[no-untyped-def]
     """Refuse the image unless every site holds the bytes `per_op` (its state record's
     selection) implies."""

@@ -11,6 +11,11 @@ from collections.abc import Callable
 from linkfix.tables import Checked, Tables
 
 
+def plural(n: int, noun: str) -> str:
+    """`1 site`, `2 sites`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def verbose(args: object) -> bool:
     # An explicit -q wins over V=1 inherited from make's environment.
     if getattr(args, "verbose", False):
@@ -55,7 +60,7 @@ def op_stats(t: Tables, chk: Checked, eff: dict[bytes, int]) -> list[str]:
     lines = []
     for op in sorted(per):
         alts = ", ".join(f"{t.alt_name(k)} {n}" for k, n in sorted(per[op].items()))
-        lines.append(f"  {t.op_name(op)}: {sum(per[op].values())} sites ({alts}); "
+        lines.append(f"  {t.op_name(op)}: {plural(sum(per[op].values()), 'site')} ({alts}); "
                      f"{size[op]} bytes, {padding[op]} padding")
-    lines.append(f"  total: {t.n_sites} sites")
+    lines.append(f"  total: {plural(t.n_sites, 'site')}")
     return lines

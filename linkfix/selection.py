@@ -21,6 +21,7 @@ class Selection:
     target: int  # backend index for the state record's `target` byte
     per_op: tuple[int, ...]  # requested alternative for every op (before "no body" fallback)
     source: str  # how it was chosen, for messages
+    explicit: tuple[tuple[int, int, str], ...] = ()  # (op, alternative, where) named one by one
 
 
 def backend_index(meta: Meta, name: str, where: str, path: str | None) -> int:
@@ -66,8 +67,12 @@ def has_selection(args: object) -> bool:
 
 
 def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | None,
-            image_path: str | None) -> Selection:
-    """The per-op choice; raises BadInput for unknown names or a missing target."""
+            image_path: str | None, base: Selection | None = None) -> Selection:
+    """The per-op choice; raises BadInput for unknown names or a missing target.
+
+    Without a target (from --target or the policy), `base` (verify: the image's
+    state record) supplies it and the --op/[ops] entries change only their ops.
+    """
     pol_target: str | None = None
     pol_ops: dict[str, str] = {}
     if policy:
@@ -81,23 +86,52 @@ def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | No
         tgt_name, src = target, "--target"
     elif pol_target is not None:
         tgt_name, src = pol_target, f"{policy}: target"
+    elif base is not None and (op_args or pol):
+        tgt_name, src = None, f"{base.source} with --op/[ops]"
     else:
         raise BadInput(image_path, "no target: give --target BACKEND (or 'generic'), or a "
                                    "--policy file with target = \"BACKEND\"")
-    if target is not None:
-        tgt = backend_index(meta, tgt_name, "--target", image_path)
-    else:  # the message names the policy file once, as FILE
-        tgt = backend_index(meta, tgt_name, "policy target", policy)
-    per_op = [tgt] * len(meta.ops)
+    if tgt_name is None:
+        assert base is not None
+        tgt = base.target
+        per_op = list(base.per_op)
+    else:
+        if target is not None:
+            tgt = backend_index(meta, tgt_name, "--target", image_path)
+        else:  # the message names the policy file once, as FILE
+            tgt = backend_index(meta, tgt_name, "policy target", policy)
+        per_op = [tgt] * len(meta.ops)
+    explicit = []
     for i, k in pol:
         per_op[i] = k
+        explicit.append((i, k, f"policy [ops] {meta.ops[i]}"))
+    seen: set[int] = set()
     for arg in op_args:
         name, eq, backend = arg.rpartition("=")
         if not eq or not name or not backend:
             raise BadInput(image_path, f"--op {arg}: expected OP=BACKEND")
         i = _op_index(meta, name, f"--op {arg}", image_path)
+        if i in seen:
+            raise BadInput(image_path, f"--op {arg}: op '{name}' is given more than once")
+        seen.add(i)
         per_op[i] = backend_index(meta, backend, f"--op {arg}", image_path)
-    return Selection(tgt, tuple(per_op), src)
+        explicit.append((i, per_op[i], f"--op {arg}"))
+    return Selection(tgt, tuple(per_op), src, tuple(explicit))
+
+
+def check_explicit(sel: Selection, meta: Meta, present: dict[int, int],
+                   path: str | None) -> None:
+    """An op named on its own must have a body for the backend it is given.
+
+    `present[op]` is the bit mask of alternatives the op's sites carry. Without
+    a body the sites would keep the generic call, which runs the boot-selected
+    backend, not the one asked for.
+    """
+    for op, k, where in sel.explicit:
+        if k and op in present and not present[op] >> k & 1:
+            raise BadInput(path, f"{where}: op '{meta.ops[op]}' has no body for backend "
+                                 f"'{meta.backends[k - 1]}' (its sites would keep the generic "
+                                 "call, which runs the boot-selected backend)")
 
 
 def from_state(meta: Meta) -> Selection:

@@ -329,6 +329,13 @@ class Checked:
         rs = self.t.rec_size
         return bytes(self.zeroed[i * rs + 4:(i + 1) * rs])
 
+    def present_by_op(self) -> dict[int, int]:
+        """Op -> bit mask of the alternatives its sites carry."""
+        out: dict[int, int] = {}
+        for sh in self.shapes.values():
+            out[sh.op] = out.get(sh.op, 0) | sh.present_mask()
+        return out
+
     def shape_counts(self) -> Counter[bytes]:
         return Counter(self.keys())
 

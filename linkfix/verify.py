@@ -23,10 +23,12 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     img = image.load(path)
     t = tables.load(img)
     if selection.has_selection(args):
-        sel = selection.resolve(t.meta, args.target, args.op, args.policy, path)
+        sel = selection.resolve(t.meta, args.target, args.op, args.policy, path,
+                                base=selection.from_state(t.meta))
     else:
         sel = selection.from_state(t.meta)
     chk = tables.check_records(t)
+    selection.check_explicit(sel, t.meta, chk.present_by_op(), path)
     sp = Splicer(t, chk)
     expected = bytearray(img.data)
     eff = sp.apply(expected, sel.per_op)
@@ -43,9 +45,11 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
                 k = effective(sh, sel.per_op[sh.op])
                 print(f"linkfix: {path}: site {s:#x} ({t.op_name(sh.op)}): expected "
                       f"{t.alt_name(k)} {bytes(want).hex()}, found {got.hex()}", file=sys.stderr)
-        raise VerifyMismatch(path, f"{bad} of {t.n_sites} sites differ from the selection "
+        raise VerifyMismatch(path, f"{bad} of {report.plural(t.n_sites, 'site')} differ from "
+                                   "the selection "
                                    f"({sel.source}: {t.alt_name(sel.target)})")
     report.finish(args, "VERIFY", path, lambda: [
-        f"  selection {t.alt_name(sel.target)} ({sel.source}): all {t.n_sites} sites match",
+        f"  selection {t.alt_name(sel.target)} ({sel.source}): "
+        f"{'the site matches' if t.n_sites == 1 else f'all {t.n_sites} sites match'}",
         *report.op_stats(t, chk, eff)])
     return 0

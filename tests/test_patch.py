@@ -211,6 +211,13 @@ def test_tables_found_by_symbols_without_section_names(tmp_path: Path) -> None:
     (["--target", "xen", "--op", "frob=xen"], "unknown op 'frob'"),
     (["--target", "xen", "--op", "irq_disable"], "expected OP=BACKEND"),
     (["--target", "xen", "--op", "irq_disable=kvm"], "unknown backend 'kvm'"),
+    (["--target", "xen", "--op", "irq_disable=xen", "--op", "irq_disable=native"],
+     "--op irq_disable=native: op 'irq_disable' is given more than once"),
+    # `nothing` has no xen body: its sites would keep the generic call, which runs
+    # the boot-selected backend, not xen.
+    (["--target", "native", "--op", "nothing=xen"],
+     "--op nothing=xen: op 'nothing' has no body for backend 'xen' (its sites would keep "
+     "the generic call, which runs the boot-selected backend)"),
 ])
 def test_selection_errors(synth: si.Synth, tmp_path: Path, argv: list[str], message: str) -> None:
     out = tmp_path / "out"

@@ -72,9 +72,12 @@ def build(tmp: Path, spec: dict, name: str = "vmlinux") -> si.Synth:
 
 def selection_args(draw: st.DrawFn, ops: tuple[si.SynthOp, ...]) -> list[str]:
     args = ["--target", draw(st.sampled_from(TARGETS))]
-    names = [o.name for o in ops] + [layout.branch_op_name(b) for b in si.BACKENDS]
-    for name in draw(st.lists(st.sampled_from(names), max_size=3, unique=True)):
-        args += ["--op", f"{name}={draw(st.sampled_from(TARGETS))}"]
+    # An op named on its own gets a backend it has a body for (else patch refuses:
+    # test_patch.py::test_selection_errors); branch ops have one for every backend.
+    choices = {o.name: ["generic", *o.bodies] for o in ops}
+    choices.update({layout.branch_op_name(b): list(TARGETS) for b in si.BACKENDS})
+    for name in draw(st.lists(st.sampled_from(sorted(choices)), max_size=3, unique=True)):
+        args += ["--op", f"{name}={draw(st.sampled_from(choices[name]))}"]
     return args
 
 

@@ -92,5 +92,12 @@ def test_one_corrupt_site_is_reported(images: dict[str, Path], tmp_path: Path) -
 def test_bad_selection_is_exit_2(images: dict[str, Path]) -> None:
     r = verify(str(images["xen"]), "--target", "kvm")
     assert r.returncode == 2 and "unknown backend 'kvm'" in r.stderr
+    # --op without --target: the state record, with that op changed.
     r = verify(str(images["xen"]), "--op", "irq_disable=native")
-    assert r.returncode == 2 and "no target" in r.stderr
+    assert r.returncode == 3 and "(irq_disable): expected native " in r.stderr
+    assert "(state record with --op/[ops]: xen)" in r.stderr
+    r = verify(str(images["xen"]), "--op", "irq_disable=xen")
+    assert r.returncode == 0, r.stderr
+    r = verify(str(images["xen"]), "--target", "xen", "--op", "irq_disable=xen",
+               "--op", "irq_disable=native")
+    assert r.returncode == 2 and "op 'irq_disable' is given more than once" in r.stderr
