@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what linkfix needs on a fresh Debian machine, skipping what is there:
-# QEMU and 32-bit gcc support from Debian, Python packages in ./.venv.
+# QEMU, 32-bit gcc support, clang and lld from Debian, Python packages in ./.venv.
 # With --bench, also what the benchmarks need (valgrind, GNU time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,9 @@ command -v qemu-system-i386 >/dev/null 2>&1 || need_apt+=(qemu-system-x86)
 # -m32 links and hosted 32-bit programs need the multilib runtime.
 [ -e /usr/lib/gcc/x86_64-linux-gnu/12/32/libgcc.a ] || \
   ls /usr/lib/gcc/x86_64-linux-gnu/*/32/libgcc.a >/dev/null 2>&1 || need_apt+=(gcc-multilib)
+# clang and lld: tests build gen-stubs output with clang's integrated assembler too.
+command -v clang >/dev/null 2>&1 || need_apt+=(clang)
+command -v ld.lld >/dev/null 2>&1 || need_apt+=(lld)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # --bench: what bench/run.py needs besides (exact instruction counts, peak memory).
