@@ -99,18 +99,29 @@ def rename_labels(statements: tuple[str, ...] | list[str],
     labels are file-wide in GAS, across sections), and keystone has no numeric
     labels at all. Raises BodyError for a reference with no definition.
     """
-    defs = [(i, st[:-1]) for i, st in enumerate(statements) if _NUM_LABEL_DEF.fullmatch(st)]
-    names = {i: name(n) for n, (i, _) in enumerate(defs)}
+    import bisect  # here: this function is the module's only user
+
+    names: dict[int, str] = {}
+    # Positions of each label's definitions, in order: a reference bisects its own
+    # list instead of scanning every definition (8k labels took seconds).
+    by_num: dict[str, list[int]] = {}
+    for i, st in enumerate(statements):
+        if _NUM_LABEL_DEF.fullmatch(st):
+            names[i] = name(len(names))
+            by_num.setdefault(st[:-1], []).append(i)
 
     def resolve(pos: int, num: str, direction: str) -> str:
+        at = by_num.get(num, [])
         if direction == "f":
-            cands = [i for i, n in defs if n == num and i > pos]
+            j = bisect.bisect_right(at, pos)
+            found = j < len(at)
         else:
-            cands = [i for i, n in defs if n == num and i < pos][-1:]
-        if not cands:
+            j = bisect.bisect_left(at, pos) - 1
+            found = j >= 0
+        if not found:
             raise BodyError(f"local label '{num}{direction}' has no '{num}:' "
                             f"{'after' if direction == 'f' else 'before'} it in the body")
-        return names[cands[0]]
+        return names[at[j]]
 
     out: list[str] = []
     for pos, st in enumerate(statements):
