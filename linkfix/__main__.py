@@ -1,5 +1,5 @@
 import sys
 
-from linkfix.cli import main
+from linkfix.entry import main
 
 sys.exit(main())

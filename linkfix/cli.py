@@ -1,7 +1,8 @@
 """The `linkfix` command line: argument parsing and the error contract.
 
 Command modules are imported only when their command runs, so `linkfix --help`
-never loads lief, keystone or capstone.
+never loads lief, keystone or capstone. The program itself starts in
+linkfix.entry, which also covers a Ctrl-C before main() is running.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import sys
 import threading
 import traceback
 
-from linkfix import __version__
-from linkfix.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, LinkfixError
+from linkfix import __version__, fileio
+from linkfix.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, LinkfixError
 
 # A reader that closed the pipe early (`linkfix inspect IMAGE | head`) is not an
 # error of linkfix's: stop quietly with the status a shell reports for SIGPIPE.
 EXIT_BROKEN_PIPE = 128 + 13
 EXIT_TERMINATED = 128 + 15
+EXIT_INTERRUPTED = 128 + 2
 
 # command name -> module providing `run(args) -> int`
 COMMANDS = {
@@ -100,6 +102,7 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    fileio.forget_commits()  # an earlier in-process run's outputs are not this run's
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     # Only the main thread may install handlers (main() can run inside a larger program).
@@ -109,16 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args.command])
         return int(module.run(args))
     except Terminated:
-        print("linkfix: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
+        return stopped(EXIT_TERMINATED, "terminated")
     except LinkfixError as exc:
         if debug:
             traceback.print_exc()
         print(one_line(exc.line()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("linkfix: interrupted", file=sys.stderr)
-        return 130
+        return stopped(EXIT_INTERRUPTED, "interrupted")
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
@@ -131,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own_term:
             signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+
+
+def stopped(status: int, what: str) -> int:
+    """The exit status after SIGINT/SIGTERM: success when the command had already
+    committed all its outputs (the signal came while it was printing its report)."""
+    if fileio.outputs_committed():
+        return EXIT_OK
+    print(f"linkfix: {what}", file=sys.stderr)
+    return status
 
 
 def one_line(text: str) -> str:
