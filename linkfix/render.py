@@ -388,6 +388,9 @@ def body_functions(models: list[OpModel]) -> list[AsmFunction]:
 
 def gas_macro_lines(spec: Spec, m: OpModel) -> list[str]:
     checks = [f"\tLINKFIX__need {r}, {m.op.name}, \\clobbers" for r in m.clobbers]
+    if not checks:
+        # Nothing to check, but the parameter is used (clang warns about one that is not).
+        checks = ["\t.ifnb \\clobbers", "\t.endif"]
     return checks + op_site_lines(m, "\\@", lambda s: s)
 
 

@@ -23,6 +23,9 @@ BACKENDS = ("native", "xen", "lguest")
 OPS = ("irq_disable", "irq_enable", "save_fl", "restore_fl", "read_cr2", "read_cr3",
        "write_cr3", "set_pte", "flush_tlb", "io_delay", "safe_halt", "backend_is")
 BENCH_OPS = OPS[:10]
+# The toolchains the sample kernel is built with: make arguments, as Kbuild takes them.
+TOOLCHAINS = {"gcc": (), "clang": ("CC=clang",), "llvm": ("LLVM=1",)}
+TOOLCHAIN_TEXT = {"gcc": "gcc + GNU ld", "clang": "clang + GNU ld", "llvm": "clang + ld.lld"}
 
 # isa-debug-exit: status = (code << 1) | 1
 EXIT_PASS = 33
@@ -53,11 +56,18 @@ def env() -> dict[str, str]:
     return e
 
 
+def toolchain_available(name: str) -> bool:
+    need = {"gcc": ("gcc", "ld"), "clang": ("clang", "ld"), "llvm": ("clang", "ld.lld")}[name]
+    return all(shutil.which(tool) for tool in need)
+
+
 def make(arch: str, out: Path, *args: str, python: str = sys.executable, jobs: int = 2,
-         src: Path = SRC, check: bool = True) -> subprocess.CompletedProcess[str]:
+         src: Path = SRC, check: bool = True,
+         toolchain: str = "gcc") -> subprocess.CompletedProcess[str]:
     """`make -C src ARCH=arch O=out args...` with this interpreter's linkfix."""
     cmd = ["make", "-C", str(src), "--no-print-directory", f"-j{jobs}", f"ARCH={arch}",
-           f"O={out}", f"LINKFIX={linkfix_command(python)}", f"PYTHON={python}", *args]
+           f"O={out}", f"LINKFIX={linkfix_command(python)}", f"PYTHON={python}",
+           *TOOLCHAINS[toolchain], *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env())
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}{res.stderr}")
@@ -74,9 +84,10 @@ def linkfix(*args: str, python: str = sys.executable,
     return res
 
 
-def build_generic(arch: str, out: Path, python: str = sys.executable) -> Path:
+def build_generic(arch: str, out: Path, python: str = sys.executable,
+                  toolchain: str = "gcc") -> Path:
     """Build the unpatched image (LINKFIX_TARGET empty); return vmlinux.generic."""
-    make(arch, out, "LINKFIX_TARGET=", python=python)
+    make(arch, out, "LINKFIX_TARGET=", python=python, toolchain=toolchain)
     return out / "vmlinux.generic"
 
 

@@ -21,12 +21,21 @@ from linkfix import layout, padding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_kernel"))
 import skernel  # noqa: E402
-from skernel import ARCHES, BACKENDS, OPS  # noqa: E402
+from skernel import ARCHES, BACKENDS, OPS, TOOLCHAINS  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (skernel.qemu_available("x86_64") and skernel.qemu_available("i386")),
     reason="qemu-system-x86_64 / qemu-system-i386 not installed "
            "(apt-get install qemu-system-x86)")
+
+
+def toolchain_param(name: str):  # noqa: ANN201 - a pytest param
+    return pytest.param(name, marks=pytest.mark.skipif(
+        not skernel.toolchain_available(name),
+        reason=f"{skernel.TOOLCHAIN_TEXT[name]} not installed (apt-get install clang lld)"))
+
+
+ALL_TOOLCHAINS = [toolchain_param(t) for t in TOOLCHAINS]
 
 
 @dataclass
@@ -54,18 +63,19 @@ def build_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sample_kernel")
 
 
-_images: dict[str, ArchImages] = {}
+_images: dict[tuple[str, str], ArchImages] = {}
 
 
 @pytest.fixture
 def images(build_root: Path):
-    def get(arch: str) -> ArchImages:
-        if arch not in _images:
-            out = build_root / arch
-            generic = skernel.build_generic(arch, out)
+    def get(arch: str, toolchain: str = "gcc") -> ArchImages:
+        key = (arch, toolchain)
+        if key not in _images:
+            out = build_root / toolchain / arch
+            generic = skernel.build_generic(arch, out, toolchain=toolchain)
             patched = {b: skernel.patch(generic, b, out / f"vmlinux.{b}") for b in BACKENDS}
-            _images[arch] = ArchImages(arch, out, generic, patched)
-        return _images[arch]
+            _images[key] = ArchImages(arch, out, generic, patched)
+        return _images[key]
     return get
 
 
@@ -83,16 +93,18 @@ def assert_all_ok(boot: skernel.Boot, arch: str, backend: str, patched: bool) ->
 @pytest.mark.parametrize("mode", ["patched", "generic"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHES)
-def test_boot(images, arch: str, backend: str, mode: str) -> None:
-    boot = images(arch).boot(backend, mode)
+@pytest.mark.parametrize("toolchain", ALL_TOOLCHAINS)
+def test_boot(images, toolchain: str, arch: str, backend: str, mode: str) -> None:
+    boot = images(arch, toolchain).boot(backend, mode)
     assert_all_ok(boot, arch, backend, patched=mode == "patched")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHES)
-def test_generic_matches_patched(images, arch: str, backend: str) -> None:
+@pytest.mark.parametrize("toolchain", ALL_TOOLCHAINS)
+def test_generic_matches_patched(images, toolchain: str, arch: str, backend: str) -> None:
     """Backend B chosen at boot and B spliced at build time behave identically."""
-    im = images(arch)
+    im = images(arch, toolchain)
     generic, patched = im.boot(backend, "generic"), im.boot(backend, "patched")
     assert len(patched.op_lines()) == len(OPS)
     assert generic.op_lines() == patched.op_lines()
@@ -258,10 +270,11 @@ def test_no_paravirt_build(tmp_path: Path, arch: str) -> None:
     assert boot.passed == len(OPS) and boot.status == skernel.EXIT_PASS, boot.output
 
 
-def test_bench_counts_instructions(images) -> None:
+@pytest.mark.parametrize("toolchain", ALL_TOOLCHAINS)
+def test_bench_counts_instructions(images, toolchain: str) -> None:
     """Under -icount rdtsc counts instructions: a patched native cli site is the
     cli plus its one padding instruction; the generic image pays the dispatch."""
-    im = images("x86_64")
+    im = images("x86_64", toolchain)
     patched = skernel.boot(im.patched["native"], "x86_64", append="bench", icount=True)
     generic = skernel.boot(im.generic, "x86_64", append="bench", icount=True)
     assert patched.status == skernel.EXIT_PASS, patched.output
@@ -331,8 +344,9 @@ def _owned_bytes(generic: Path) -> tuple[bytearray, int]:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_patch_changes_only_owned_bytes_and_verifies(images, arch: str) -> None:
-    imgs = images(arch)
+@pytest.mark.parametrize("toolchain", ALL_TOOLCHAINS)
+def test_patch_changes_only_owned_bytes_and_verifies(images, toolchain: str, arch: str) -> None:
+    imgs = images(arch, toolchain)
     mask, n_sites = _owned_bytes(imgs.generic)
     assert n_sites > 20
     orig = imgs.generic.read_bytes()
