@@ -347,6 +347,23 @@ def prototypes(spec: Spec, models: list[OpModel]) -> list[Prototype]:
     return list(seen.values())
 
 
+def inner_callees(models: list[OpModel], declared: set[str]) -> list[tuple[str, str]]:
+    """(function, the ops whose inline bodies call it) for calls not declared already.
+
+    No prototype is derived for these: what such a function receives is whatever
+    the body leaves in the argument registers (`call xen_irq_enable` inside
+    restore_fl takes no argument at all), so only its author can declare it.
+    """
+    users: dict[str, list[str]] = {}
+    for m in models:
+        for body in m.bodies.values():
+            if body.kind == KIND_INLINE:
+                for fn in body.inner_calls:
+                    if fn not in declared and m.op.name not in users.setdefault(fn, []):
+                        users[fn].append(m.op.name)
+    return [(fn, ", ".join(ops)) for fn, ops in users.items()]
+
+
 # ------------------------------------------------------------------ assembler side
 
 
@@ -473,7 +490,9 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
     arch = spec.arch
     ctx = {
         "spec": spec,
-        "spec_name": Path(spec.path).name,
+        "op_constants": [(op.name, op.name.upper(), op.index) for op in spec.ops]
+        + [(layout.branch_op_name(b), f"BACKEND_IS_{b.upper()}", len(spec.ops) + k - 1)
+           for k, b in enumerate(spec.backends, start=1)],
         "spec_hash": f"0x{spec.spec_hash():08x}",
         "arch": arch,
         "backends": [(k, b, b.upper()) for k, b in enumerate(spec.backends, start=1)],
@@ -482,6 +501,7 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         "models": models,
         "functions": [c_function(spec, m) for m in models],
         "prototypes": prototypes(spec, models),
+        "inner_callees": inner_callees(models, {p.name for p in prototypes(spec, models)}),
         "regparm": arch.elf_class == 32,
         "branches": [(k, b, b.upper(), [c_string(x) for x in branch_site_lines(spec, k)])
                      for k, b in enumerate(spec.backends, start=1)],

@@ -632,6 +632,10 @@ def _check_generated_names(ck: _Checker, arch: Arch, ops: tuple[Op, ...],
         if op.name in own_macros:
             raise ck.fail(f"its GAS macro LINKFIX_{op.name} would be spelled like one of "
                           f"linkfix's C macros", op=op.name)
+        branch = {f"BACKEND_IS_{b.upper()}" for b in backends}
+        if op.name.upper() in branch:
+            raise ck.fail(f"its constant LINKFIX_OP_{op.name.upper()} would be spelled like "
+                          "that of a branch pseudo-op backend_is(<backend>)", op=op.name)
         mine = f"LINKFIX_{op.name}, the GAS macro of op '{op.name}'"
         first = macro_of.setdefault(op.name.lower(), mine)
         if first != mine:

@@ -441,6 +441,15 @@ RUNTIME_C = r"""
 #endif
 
 unsigned long bump_count, bump_enabled = 1;
+static unsigned long unknown_reports, unknown_length;
+
+/* The kernel's own report of an unknown linkfix= value (overrides the weak one). */
+void linkfix_unknown_backend(const char *value, unsigned long length)
+{
+	unknown_reports++;
+	unknown_length = length;
+	(void)value;
+}
 
 unsigned long LINKFIX_CALLEE xen_get_id(void) { TRASH(); return 2; }
 void LINKFIX_CALLEE xen_add_to(unsigned long *p, unsigned long v) { TRASH(); *p += 10 * v; }
@@ -467,9 +476,36 @@ static int same(const char *a, const char *b)
 	return *a == *b;
 }
 
-int main(void)
+/* After `linkfix patch --target xen --op bump=native`: the state record, read at run time. */
+static int patched_checks(void)
+{
+	if (!linkfix_image_patched() || linkfix_patched_target() != LINKFIX_BACKEND_XEN) return 30;
+	if (linkfix_op_state(LINKFIX_OP_GET_ID) != LINKFIX_BACKEND_XEN) return 31;
+	if (linkfix_op_state(LINKFIX_OP_BUMP) != LINKFIX_BACKEND_NATIVE) return 32;
+	/* add_to has no lguest body, but has a xen one */
+	if (linkfix_op_state(LINKFIX_OP_ADD_TO) != LINKFIX_BACKEND_XEN) return 33;
+	if (linkfix_op_state(LINKFIX_OP_BACKEND_IS_XEN) != LINKFIX_BACKEND_XEN) return 34;
+	if (linkfix_op_state(LINKFIX_N_OPS + LINKFIX_N_BACKENDS) != 0) return 35;
+	linkfix_boot_select("linkfix=native");  /* a patched image keeps its target */
+	if (linkfix_current_backend != LINKFIX_BACKEND_XEN) return 36;
+	if (keep(1, 2, 3) != 2007) return 37;
+	return 0;
+}
+
+/* main is called by the C library, with its arguments on the stack (the rest of
+ * this file is regparm(3) on i386). */
+#ifdef __i386__
+__attribute__((regparm(0)))
+#endif
+int main(int argc, char **argv)
 {
 	unsigned long x = 5;
+
+	(void)argv;
+	if (argc > 1)
+		return patched_checks();
+	if (linkfix_image_patched() || linkfix_op_state(LINKFIX_OP_GET_ID) != 0) return 40;
+	if (LINKFIX_OP_GET_ID != 0 || LINKFIX_OP_BACKEND_IS_NATIVE != LINKFIX_N_OPS) return 41;
 
 	if (linkfix_current_backend != LINKFIX_BACKEND_XEN) return 1;
 	if (linkfix_patched_target() != 0) return 2;
@@ -498,6 +534,10 @@ int main(void)
 	linkfix_select_backend(LINKFIX_BACKEND_NATIVE);
 	linkfix_boot_select("linkfix=bogus");
 	if (linkfix_current_backend != LINKFIX_BACKEND_XEN) return 18;
+	if (unknown_reports != 1 || unknown_length != 5) return 42;
+	linkfix_boot_select("linkfix=LGuest");  /* names compare ignoring case */
+	if (linkfix_current_backend != LINKFIX_BACKEND_LGUEST) return 43;
+	if (linkfix_select_backend_name("NATIVE") != 0) return 44;
 	linkfix_select_backend(LINKFIX_BACKEND_NATIVE);
 	linkfix_boot_select("xlinkfix=lguest linkfix=nativ");
 	if (linkfix_current_backend != LINKFIX_BACKEND_XEN) return 19;
@@ -528,6 +568,14 @@ def test_tables_thunks_and_selection_run(arch: str, tmp_path: Path) -> None:
          str(out / "linkfix_ops.c"), str(out / "linkfix_thunks.S"), "-Wl,-T,insert.lds",
          "-o", "prog"], cwd=tmp_path)
     result = subprocess.run([str(tmp_path / "prog")], capture_output=True)
+    assert result.returncode == 0, f"check {result.returncode} failed"
+    # The same program patched after the link reads its state record at run time.
+    patched = tmp_path / "prog.xen"
+    proc = subprocess.run([sys.executable, "-m", "linkfix", "patch", str(tmp_path / "prog"),
+                           "-o", str(patched), "--target", "xen", "--op", "bump=native"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = subprocess.run([str(patched), "patched"], capture_output=True)
     assert result.returncode == 0, f"check {result.returncode} failed"
 
 

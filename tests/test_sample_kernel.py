@@ -360,3 +360,18 @@ def test_patch_changes_only_owned_bytes_and_verifies(images, toolchain: str, arc
         assert skernel.linkfix("verify", "-q", str(patched), check=False).returncode == 0
         assert skernel.linkfix("verify", "-q", str(patched), "--target", backend,
                                check=False).returncode == 0
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_boot_selection_ignores_case_and_reports_unknown_names(images, arch: str) -> None:
+    """linkfix=XEN selects xen; an unknown name is reported through the kernel's own
+    linkfix_unknown_backend and the default backend runs."""
+    im = images(arch)
+    upper = skernel.boot(im.generic, arch, append="linkfix=XEN")
+    assert f"selftest: arch={arch} backend=xen patched=no" in upper.output, upper.output
+    assert upper.status == skernel.EXIT_PASS
+    bogus = skernel.boot(im.generic, arch, append="linkfix=Bogus")
+    assert "linkfix: warning: unknown backend 'Bogus' on the command line; using the " \
+           "default" in bogus.output, bogus.output
+    assert f"selftest: arch={arch} backend=native patched=no" in bogus.output
+    assert bogus.status == skernel.EXIT_PASS

@@ -13,6 +13,20 @@ int paravirt_enabled = 0;
 int paravirt_enabled = 1;
 #endif
 
+#ifndef LINKFIX_NOPARAVIRT
+/* linkfix_boot_select's report of a linkfix= value naming no backend (the weak
+ * default in linkfix_ops.c says nothing). */
+void linkfix_unknown_backend(const char *value, unsigned long length)
+{
+	unsigned long i;
+
+	printk("linkfix: warning: unknown backend '");
+	for (i = 0; i < length; i++)
+		console_putc(value[i]);
+	printk("' on the command line; using the default\n");
+}
+#endif
+
 void kmain(unsigned long magic, unsigned long info)
 {
 	const char *cmdline;
