@@ -83,11 +83,16 @@ def _selection(p: argparse.ArgumentParser, required_target: bool) -> None:
                    help="per-op override (repeatable)")
     p.add_argument("--policy", metavar="FILE",
                    help="TOML policy file: target = \"B\" and an [ops] table of OP = \"B\"")
+    p.add_argument("--strict", action="store_true",
+                   help="an op named on its own (--op, policy [ops]) without a body for its "
+                        "backend is an error, not a warning")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", help="full command and statistics")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    talk = p.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="store_true",
+                      help="full command and statistics")
+    talk.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     # SUPPRESS: a subcommand's default must not undo `linkfix --debug COMMAND`.
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
@@ -123,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except MemoryError:
+        # An input too large for this machine is bad input, not a crash.
+        where = getattr(args, "image", None) or getattr(args, "spec", None)
+        print(one_line(f"linkfix: {where}: not enough memory to process this file"),
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the contract: one line, exit 1
         if debug:
             traceback.print_exc()

@@ -14,7 +14,7 @@ import os
 import sys
 
 from linkfix import body as bodymod
-from linkfix import bodycheck, render
+from linkfix import bodycheck, render, report
 from linkfix.errors import BadInput
 from linkfix.fileio import write_all_if_changed
 from linkfix.measure import MeasureError, measure
@@ -66,6 +66,9 @@ def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, byte
 
 
 def run(args: argparse.Namespace) -> int:
+    verbose = report.verbose(args)  # -v, or V=1 from make (an explicit -q wins)
+    if verbose:
+        print(report.command_line())
     spec, models, files = generate(args.spec)
     outdir = args.output
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -85,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 os.rmdir(outdir)
         raise
-    quiet = getattr(args, "quiet", False)
-    verbose = getattr(args, "verbose", False)
+    quiet = report.quiet(args)
     for m in models:
         for b in m.bodies:
             note = m.measured[b].ks_note

@@ -41,7 +41,8 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     t = tables.load(img)
     sel = selection.resolve(t.meta, args.target, args.op, args.policy, src)
     chk = tables.check_records(t)
-    selection.check_explicit(sel, t.meta, chk.present_by_op(), src)
+    selection.check_explicit(sel, t.meta, chk.present_by_op(), src,
+                             getattr(args, "strict", False))
     sp = Splicer(t, chk)
     now = selection.from_state(t.meta)
     # Recognise every site before anything is written.

@@ -8,6 +8,7 @@ explicitly. Backend `generic` is alternative 0, the dispatch call.
 
 from __future__ import annotations
 
+import sys
 import tomllib
 from dataclasses import dataclass
 
@@ -120,18 +121,22 @@ def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | No
 
 
 def check_explicit(sel: Selection, meta: Meta, present: dict[int, int],
-                   path: str | None) -> None:
-    """An op named on its own must have a body for the backend it is given.
+                   path: str | None, strict: bool) -> None:
+    """An op named on its own should have a body for the backend it is given.
 
     `present[op]` is the bit mask of alternatives the op's sites carry. Without
-    a body the sites would keep the generic call, which runs the boot-selected
-    backend, not the one asked for.
+    a body the sites keep the generic call, which runs whatever backend the
+    kernel selected at boot, not the one asked for: a warning on stderr, or with
+    `strict` an error.
     """
     for op, k, where in sel.explicit:
         if k and op in present and not present[op] >> k & 1:
-            raise BadInput(path, f"{where}: op '{meta.ops[op]}' has no body for backend "
-                                 f"'{meta.backends[k - 1]}' (its sites would keep the generic "
-                                 "call, which runs the boot-selected backend)")
+            message = (f"{where}: op '{meta.ops[op]}' has no body for backend "
+                       f"'{meta.backends[k - 1]}'; its sites keep the generic call, which "
+                       "runs the backend selected at boot")
+            if strict:
+                raise BadInput(path, message)
+            print(f"linkfix: {path}: warning: {message}", file=sys.stderr)
 
 
 def from_state(meta: Meta) -> Selection:

@@ -551,7 +551,7 @@ def _clobbers(ck: _Checker, arch: Arch, op: str, value: Any) -> tuple[str, ...]:
     for reg in value:
         if not isinstance(reg, str):
             raise ck.fail(f"{reg!r} is not a register name", op=op, fld="clobbers")
-        r = reg.removeprefix("%")
+        r = reg.removeprefix("%").lower()  # %rcx, rcx and RCX name one register
         if r in stack_regs:
             raise ck.fail(f"'{reg}': the stack and frame pointers cannot be clobbered",
                           op=op, fld="clobbers")

@@ -28,7 +28,8 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     else:
         sel = selection.from_state(t.meta)
     chk = tables.check_records(t)
-    selection.check_explicit(sel, t.meta, chk.present_by_op(), path)
+    selection.check_explicit(sel, t.meta, chk.present_by_op(), path,
+                             getattr(args, "strict", False))
     sp = Splicer(t, chk)
     expected = bytearray(img.data)
     eff = sp.apply(expected, sel.per_op)

@@ -702,3 +702,32 @@ def test_padding_is_one_instruction_of_exact_length(n: int) -> None:
         if first.size != n:
             assert first.mnemonic == "jmp"
             assert int(first.op_str, 16) == n
+
+
+def test_renaming_the_spec_changes_no_generated_file(tmp_path: Path) -> None:
+    text = (SPECS / "x86_64.toml").read_text()
+    (tmp_path / "a.toml").write_text(text)
+    (tmp_path / "other-name.toml").write_text(text)
+    for name, out in (("a.toml", "one"), ("other-name.toml", "two")):
+        proc = gen_cli(tmp_path / name, tmp_path / out, "-q")
+        assert proc.returncode == 0, proc.stderr
+    for f in OUTPUTS:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_verbose_prints_the_command_line_and_honours_v_1(tmp_path: Path) -> None:
+    spec = SPECS / "x86_64.toml"
+    proc = gen_cli(spec, tmp_path / "a", "-v")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("linkfix gen-stubs ") and str(spec) in lines[0]
+    assert any(line.startswith("  irq_disable: site ") for line in lines)
+    env = dict(os.environ, V="1")
+    quiet = subprocess.run([sys.executable, "-m", "linkfix", "gen-stubs", str(spec), "-o",
+                            str(tmp_path / "b")], capture_output=True, text=True, env=env,
+                           cwd=ROOT)
+    assert quiet.returncode == 0
+    assert quiet.stdout.splitlines()[0] == lines[0].replace(str(tmp_path / "a"),
+                                                            str(tmp_path / "b")).replace(
+        " -v", "")
+    assert any(line.startswith("  irq_disable: site ") for line in quiet.stdout.splitlines())

@@ -242,3 +242,14 @@ def test_bodies_that_cannot_live_in_a_site(tmp_path: Path, body: str, message: s
     with pytest.raises(BadInput) as exc:
         generate(str(spec))
     assert exc.value.message == f"op 'f': backend 'native': {message}"
+
+
+def test_clobber_names_ignore_case_and_percent() -> None:
+    text = HEAD + OK_OP + ('[ops.f]\nclobbers = ["%rcx", "RDX", "R8"]\n'
+                           '[ops.f.bodies]\nnative = "nop"\n')
+    spec = loads(text, "spec.toml")
+    op = next(o for o in spec.ops if o.name == "f")
+    assert op.clobbers == ("rcx", "rdx", "r8")
+    with pytest.raises(BadInput, match="'%RCX' listed twice"):
+        loads(HEAD + '[ops.f]\nclobbers = ["rcx", "%RCX"]\n[ops.f.bodies]\nnative = "nop"\n',
+              "spec.toml")
