@@ -22,15 +22,20 @@ Vector, x87 and mask registers are outside the contract (kernels build with
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from linkfix.arch import Arch
+from linkfix.layout import Link
 
 # ELF relocation types (x86-64 and i386 share these numbers).
 R_ABS32_64 = {1, 10, 11}  # R_X86_64_64, _32, _32S
 R_PC_64 = {2, 4}  # R_X86_64_PC32, _PLT32
 R_ABS_386 = {1}  # R_386_32
 R_PC_386 = {2, 4}  # R_386_PC32, _PLT32
+
+
+_SYMBOL = re.compile(r"[A-Za-z_.][A-Za-z0-9_.$]*")
 
 
 class BodyCheckError(ValueError):
@@ -48,6 +53,7 @@ class Reloc:
 @dataclass(frozen=True)
 class Checked:
     masked: tuple[tuple[int, int], ...]  # (pos, size) of every relocated field, sorted
+    links: tuple[Link, ...]  # per field: PC-relative or not, and its symbol + addend
     pushes: int  # most bytes pushed at any point
 
 
@@ -164,23 +170,25 @@ def check(arch: Arch, code: bytes, relocs: tuple[Reloc, ...], allowed: set[str],
     insns = decode(arch, code)
     table = gpr_table(arch)
     by_off = {i.address: i for i in insns}
-    masked = _check_relocs(arch, insns, relocs)
+    fields = _check_relocs(arch, insns, relocs)
     reloc_at = {r.offset: r for r in relocs}
     for insn in insns:
         _check_flow(arch, rules, insn, len(code), by_off, reloc_at, callees)
     pushes = _check_paths(arch, rules, insns, len(code), table, allowed)
-    return Checked(masked=masked, pushes=pushes)
+    return Checked(masked=tuple((pos, size) for pos, size, _l in fields),
+                   links=tuple(link for _p, _s, link in fields), pushes=pushes)
 
 
 # -- relocations -----------------------------------------------------------------------------
 
 
 def _check_relocs(arch: Arch, insns: list, relocs: tuple[Reloc, ...]  # type: ignore[type-arg]
-                  ) -> tuple[tuple[int, int], ...]:
-    """Every relocation fills exactly an operand field; returns the fields (pos, size)."""
+                  ) -> tuple[tuple[int, int, Link], ...]:
+    """Every relocation fills exactly an operand field; returns the fields (pos, size,
+    where the link points it)."""
     wide = arch.elf_class == 64
     absolute, pcrel = (R_ABS32_64, R_PC_64) if wide else (R_ABS_386, R_PC_386)
-    out: list[tuple[int, int]] = []
+    out: list[tuple[int, int, Link]] = []
     for r in sorted(relocs, key=lambda r: r.offset):
         insn = next((i for i in insns if i.address <= r.offset < i.address + i.size), None)
         if insn is None:
@@ -204,7 +212,10 @@ def _check_relocs(arch: Arch, insns: list, relocs: tuple[Reloc, ...]  # type: ig
         elif r.type not in absolute:
             raise _fail(insn, f"relocation type {r.type} against '{r.symbol}' is not "
                               "supported in a body")
-        out.append((r.offset, size))
+        if not _SYMBOL.fullmatch(r.symbol):
+            raise _fail(insn, f"relocation against '{r.symbol}', a name the image header "
+                              "cannot record")
+        out.append((r.offset, size, Link(r.type in pcrel, expr=f"{r.symbol}{r.addend:+d}")))
     return tuple(out)
 
 

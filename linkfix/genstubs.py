@@ -51,12 +51,12 @@ def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, byte
     models: list[render.OpModel] = []
     for op in spec.ops:
         allowed = set(bodymod.site_clobbers(arch, op))
-        fields: dict[str, tuple[tuple[int, int], ...]] = {}
+        fields: dict[str, bodycheck.Checked] = {}
         for backend, body in parsed[op.name].items():
             meas = measured[(op.name, backend)]
             try:
                 fields[backend] = bodycheck.check(arch, meas.code, meas.relocs, allowed,
-                                                  call_targets(body)).masked
+                                                  call_targets(body))
             except bodycheck.BodyCheckError as exc:
                 raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': {exc}") from None
         models.append(render.build_op(

@@ -54,17 +54,42 @@ BOUNDS = struct.Struct("<4i")
 DIGEST = struct.Struct("<IBBH")  # crc32 of the masked body, len, n_fields, first field
 
 
+FIELD_PCREL = 0x80  # in a field's size byte: the relocation is PC-relative
+FIELD_UNRECORDED = 0x40  # no target recorded (a branch site's own label)
+
+
+@dataclass(frozen=True)
+class Link:
+    """Where the link points one relocated field of a body.
+
+    gen-stubs writes `expr` (the relocation's symbol and addend) into the header
+    as a link-time difference; a parsed header (or a test writing one) holds the
+    resolved `target`, S + A: an absolute field must hold it, a PC-relative one
+    hold it minus its own address. Neither: nothing recorded.
+    """
+
+    pcrel: bool
+    expr: str | None = None
+    target: int | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.expr is not None or self.target is not None
+
+
 @dataclass(frozen=True)
 class BodyDigest:
     """What gen-stubs assembled for one alternative of one op.
 
     `crc` is the CRC32 of the body with every relocated field (`fields`, as
-    (position, size)) zeroed: the bytes the link cannot change.
+    (position, size)) zeroed: the bytes the link cannot change; `links` says,
+    per field, where the link points it.
     """
 
     crc: int
     length: int
     fields: tuple[tuple[int, int], ...]
+    links: tuple[Link, ...] = ()
 
 
 ABSENT = BodyDigest(0, 0, ())
@@ -77,8 +102,13 @@ def masked(code: bytes, fields: tuple[tuple[int, int], ...]) -> bytes:
     return bytes(out)
 
 
-def body_digest(code: bytes, fields: tuple[tuple[int, int], ...]) -> BodyDigest:
-    return BodyDigest(zlib.crc32(masked(code, fields)), len(code), tuple(sorted(fields)))
+def body_digest(code: bytes, fields: tuple[tuple[int, int], ...],
+                links: tuple[Link, ...] = ()) -> BodyDigest:
+    """`links`, one per field (in `fields` order); default: PC-relative, unrecorded."""
+    links = links or tuple(Link(True) for _ in fields)
+    order = sorted(range(len(fields)), key=lambda j: fields[j])
+    return BodyDigest(zlib.crc32(masked(code, fields)), len(code),
+                      tuple(fields[j] for j in order), tuple(links[j] for j in order))
 
 
 def digest_matches(d: BodyDigest, code: bytes) -> bool:
@@ -88,6 +118,21 @@ def digest_matches(d: BodyDigest, code: bytes) -> bool:
     if any(pos + size > len(code) for pos, size in d.fields):
         return False
     return zlib.crc32(masked(code, d.fields)) == d.crc
+
+
+def wrong_field(d: BodyDigest, code: bytes, address: int) -> int | None:
+    """The position of the first relocated field of `code` (a copy at `address`) that
+    does not point where the link pointed it, or None."""
+    for (pos, size), link in zip(d.fields, d.links, strict=True):
+        if link.target is None:
+            continue
+        mask = (1 << (8 * size)) - 1
+        value = int.from_bytes(code[pos:pos + size], "little")
+        if link.pcrel:
+            value += address + pos
+        if (value - link.target) & mask:
+            return pos
+    return None
 
 
 @dataclass(frozen=True)
@@ -123,12 +168,16 @@ class Meta:
         out = head + bytes(state) + names
         return out + b"\0" * (-len(out) % 4)
 
-    def tail(self) -> bytes:
-        """The digest table and its field lists, padded to 4: the bytes after the bounds."""
+    @property
+    def word(self) -> int:
+        return 8 if self.machine == 62 else 4
+
+    def _fields(self) -> tuple[bytes, list[Link]]:
+        """The digest entries and field list, and the links to record after them."""
         n_alts = len(self.backends) + 1
-        table_at = len(self.head()) + BOUNDS.size
         entries = bytearray()
         fields = bytearray()
+        links: list[Link] = []
         for op in range(len(self.ops)):
             row = self.digests[op] if op < len(self.digests) else ()
             for k in range(n_alts):
@@ -137,20 +186,42 @@ class Meta:
                 if first > 0xFFFF:
                     raise ValueError("more than 65535 relocated fields in the bodies")
                 entries += DIGEST.pack(d.crc, d.length, len(d.fields), first)
-                for pos, size in d.fields:
-                    fields += bytes((pos, size))
+                for (pos, size), link in zip(d.fields, d.links, strict=True):
+                    flags = (FIELD_PCREL if link.pcrel else 0) | \
+                        (0 if link.recorded else FIELD_UNRECORDED)
+                    fields += bytes((pos, size | flags))
+                    if link.recorded:
+                        links.append(link)
         out = bytes(entries + fields)
-        return out + b"\0" * (-(table_at + len(out)) % 4)
+        table_at = len(self.head()) + BOUNDS.size
+        return out + b"\0" * (-(table_at + len(out)) % 4), links
+
+    def tail(self, at: int = 0) -> bytes:
+        """Digest table, field list and recorded field targets (self-relative words),
+        for a header at address `at`: the bytes after the bounds."""
+        table, links = self._fields()
+        start = at + len(self.head()) + BOUNDS.size + len(table)
+        fmt = "<q" if self.word == 8 else "<i"
+        mask = (1 << (8 * self.word)) - 1
+        out = bytearray(table)
+        for j, link in enumerate(links):
+            where = start + j * self.word
+            value = ((link.target or 0) - where) & mask
+            if value >> (8 * self.word - 1):
+                value -= 1 << (8 * self.word)
+            out += struct.pack(fmt, value)
+        return bytes(out)
 
     def encode(self, at: int = 0, bounds: tuple[int, int, int, int] = (0, 0, 0, 0)) -> bytes:
         """The whole header placed at address `at`, with the table bounds resolved."""
         head = self.head()
         base = at + len(head)
         rel = BOUNDS.pack(*(b - (base + 4 * j) if b else 0 for j, b in enumerate(bounds)))
-        return head + rel + self.tail()
+        return head + rel + self.tail(at)
 
     def size(self) -> int:
-        return len(self.head()) + BOUNDS.size + len(self.tail())
+        table, links = self._fields()
+        return len(self.head()) + BOUNDS.size + len(table) + self.word * len(links)
 
 
 def encode_state(target: int, patched: int, op_state: list[int] | tuple[int, ...]) -> bytes:
@@ -167,5 +238,7 @@ def meta_asm_lines(meta: Meta, symbols: tuple[str, ...] = BOUND_SYMBOLS) -> list
         return [".byte " + ",".join(f"0x{b:02x}" for b in data[i:i + 12])
                 for i in range(0, len(data), 12)]
 
-    return [*rows(meta.head()), *(f".long {sym} - ." for sym in symbols),
-            *rows(meta.tail())]
+    table, links = meta._fields()
+    word = ".quad" if meta.word == 8 else ".long"
+    return [*rows(meta.head()), *(f".long {sym} - ." for sym in symbols), *rows(table),
+            *(f"{word} ({link.expr}) - ." for link in links)]

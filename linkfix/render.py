@@ -23,6 +23,7 @@ from linkfix.body import (
     saved_regs,
     site_clobbers,
 )
+from linkfix.bodycheck import Checked
 from linkfix.measure import Measured
 from linkfix.padding import pad
 from linkfix.spec import IDENT, Op, Spec
@@ -84,8 +85,8 @@ _CALL_FIELD = ((1, 4),)  # the rel32 of a 5-byte call or jmp
 
 
 def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Measured],
-             fields: dict[str, tuple[tuple[int, int], ...]]) -> OpModel:
-    """`fields`: per backend, the relocated (position, size) fields of its body."""
+             checked: dict[str, Checked]) -> OpModel:
+    """`checked`: per backend, its body's relocated fields and where the link points them."""
     lengths = [measured[b].length for b in bodies]
     site_len = max(5, *lengths) if lengths else 5
     alts = [Alt(0, "generic", "generic", (f"call {dispatch_name(op.name)}",),
@@ -119,12 +120,14 @@ def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Me
         body = bodies[src]
         table[backend] = body.callee if body.kind == KIND_CALL and body.callee else \
             body_fn_name(op.name, src)
-    digests = [layout.body_digest(b"\xe8" + bytes(4), _CALL_FIELD)]
+    digests = [layout.body_digest(b"\xe8" + bytes(4), _CALL_FIELD,
+                                  (layout.Link(True, expr=f"{dispatch_name(op.name)}-4"),))]
     for backend in spec.backends:
         if backend not in bodies:
             digests.append(layout.ABSENT)
         else:
-            digests.append(layout.body_digest(measured[backend].code, fields[backend]))
+            c = checked[backend]
+            digests.append(layout.body_digest(measured[backend].code, c.masked, c.links))
     return OpModel(op=op, site_len=site_len, pad=pad(site_len - 5),
                    clobbers=site_clobbers(spec.arch, op), saved=saved, alts=tuple(alts),
                    bodies=bodies, measured=measured, thunks=tuple(thunks.values()), table=table,

@@ -89,6 +89,11 @@ class Splicer:
             raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: body "
                                         f"{body.hex()} does not match the digest gen-stubs "
                                         f"recorded ({d.length} bytes, crc {d.crc:#010x})")
+        pos = layout.wrong_field(d, body, self.chk.body_addrs(k)[i])
+        if pos is not None:
+            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: the relocated "
+                                        f"field at +{pos} of body {body.hex()} does not point "
+                                        "where the link pointed it (the header's record)")
 
     def targets(self, i: int, k: int, code: fixups.Code, body: bytes) -> tuple[int, ...]:
         """Where the relocated PC-relative fields of site i's copy of alternative k lead
@@ -169,6 +174,10 @@ class Splicer:
         k = effective(sh, per_op[sh.op])
         alt = sh.alts[k]
         L = sh.site_len
+        d = self.t.meta.digests[sh.op][k]
+        if alt.len != d.length:
+            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: a {alt.len}-byte "
+                                        f"body where gen-stubs recorded {d.length} bytes")
         if not alt.len:
             return (_EMPTY, k, None, None, L, pad_cached(L), None, None, None)
         blist = self.chk.body_addrs(k)

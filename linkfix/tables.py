@@ -222,6 +222,11 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
                        bounds=bounds)
 
 
+def region_machine(data: bytes) -> int:
+    """The e_machine the header was generated for (validated by the caller)."""
+    return struct.unpack_from("<H", data, 10)[0]
+
+
 def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_alts: int
                 ) -> tuple[tuple[int, int, int, int], tuple[tuple[layout.BodyDigest, ...], ...],
                            int]:
@@ -240,16 +245,36 @@ def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_a
     if end > len(data):
         raise BadInput(path, f"{sec}: digest field lists run past the header")
     pairs = data[fields_at:end]
+    end += -end % 4
+    # The recorded targets follow, one self-relative word per recorded field.
+    recorded = [j for j in range(n_fields) if not pairs[2 * j + 1] & layout.FIELD_UNRECORDED]
+    word = 8 if region_machine(data) == 62 else 4
+    if end + word * len(recorded) > len(data):
+        raise BadInput(path, f"{sec}: recorded field targets run past the header")
+    fmt = "<q" if word == 8 else "<i"
+    mask = (1 << (8 * word)) - 1
+    targets: dict[int, int] = {}
+    for n, j in enumerate(recorded):
+        at = end + word * n
+        (value,) = struct.unpack_from(fmt, data, at)
+        targets[j] = (region.vaddr + at + value) & mask
+    end += word * len(recorded)
     rows = []
     for op in range(n_ops):
         row = []
         for crc, length, n, first in entries[op * n_alts:(op + 1) * n_alts]:
-            fields = tuple((pairs[2 * j], pairs[2 * j + 1]) for j in range(first, first + n))
-            if any(size not in (1, 2, 4, 8) or pos + size > length for pos, size in fields):
-                raise BadInput(path, f"{sec}: digest of op {op} has a field outside its body")
-            row.append(layout.BodyDigest(crc, length, fields))
+            fields, links = [], []
+            for j in range(first, first + n):
+                pos, size_flags = pairs[2 * j], pairs[2 * j + 1]
+                size = size_flags & 0x3F
+                if size not in (1, 2, 4, 8) or pos + size > length or size_flags & 0x30:
+                    raise BadInput(path, f"{sec}: digest of op {op} has a field outside "
+                                         "its body")
+                fields.append((pos, size))
+                links.append(layout.Link(bool(size_flags & layout.FIELD_PCREL),
+                                         target=targets.get(j)))
+            row.append(layout.BodyDigest(crc, length, tuple(fields), tuple(links)))
         rows.append(tuple(row))
-    end += -end % 4
     return bounds, tuple(rows), end  # type: ignore[return-value]
 
 

@@ -140,39 +140,65 @@ class Synth:
         return [o.name for o in self.ops] + [layout.branch_op_name(b) for b in self.backends]
 
 
-def body_fields(kind: str, bits: int) -> tuple[tuple[int, int], ...]:
-    """The fields of a body kind that the link fills in (what gen-stubs would mask)."""
-    if kind in ("call", "generic", "branch"):
-        return ((1, 4),)
-    if kind == "gs_movb":
-        return ((4, 4),) if bits == 64 else ((3, 4),)
-    if kind == "rip_movl":
-        return ((2, 4),)
-    if kind == "abs2":
-        return ((3, 4), (7, 4)) if bits == 64 else ((2, 4), (6, 4))
-    return ()
+# Per body kind and word size: (position, size, PC-relative, symbol, addend) of every
+# field the link fills in: what gen-stubs would mask in the digest and record.
+_FIELDS = {
+    ("gs_movb", 64): ((4, 4, False, "xen_vcpu_mask", 0),),
+    ("gs_movb", 32): ((3, 4, False, "xen_vcpu_mask", 0),),
+    ("rip_movl", 64): ((2, 4, True, "lguest_irq_enabled", -8),),
+    ("rip_movl", 32): ((2, 4, False, "lguest_irq_enabled", 0),),
+    ("call", 64): ((1, 4, True, "callee", -4),),
+    ("call", 32): ((1, 4, True, "callee", -4),),
+    ("abs2", 64): ((3, 4, False, "lguest_irq_enabled", 0), (7, 4, False, "xen_vcpu_mask", 0)),
+    ("abs2", 32): ((2, 4, False, "lguest_irq_enabled", 0), (6, 4, False, "xen_vcpu_mask", 0)),
+}
 
 
-def kind_digest(kind: str, bits: int) -> layout.BodyDigest:
+def _value(env: Env, symbol: str, op: int) -> int:
+    return {"xen_vcpu_mask": env.var_x, "lguest_irq_enabled": env.var_y,
+            "callee": env.callee}.get(symbol, env.dispatch.get(op, 0))
+
+
+def kind_digest(kind: str, bits: int, op: int = 0, op_name: str = "", env: Env | None = None,
+                symbolic: bool = False) -> layout.BodyDigest:
+    """The digest of a body kind; its fields' targets from `env` (build_fast), or as
+    assembler expressions (`symbolic`, asm_source), or placeholders (sizing)."""
     zero = Env(0, 0, 0, {}, {}, {})
-    if kind in ("generic", "branch"):
-        code = (b"\xe8" if kind == "generic" else b"\xe9") + bytes(4)
+    if kind == "branch":  # the jmp to a branch site's own label: nothing to record
+        return layout.body_digest(b"\xe9" + bytes(4), ((1, 4),), (layout.Link(True),))
+    if kind == "generic":
+        code = b"\xe8" + bytes(4)
+        specs: tuple = ((1, 4, True, f"__lf_dispatch_{op_name}", -4),)
+    elif kind == "generic_indirect":
+        code = b"\xff\x15" + bytes(4)
+        specs = ((2, 4, False, "lf_ptr", 0),)
     else:
         code = encode(kind, 0, bits, zero)
-    return layout.body_digest(code, body_fields(kind, bits))
+        specs = _FIELDS.get((kind, bits), ())
+    links = []
+    for _pos, _size, pcrel, sym, addend in specs:
+        if symbolic:
+            links.append(layout.Link(pcrel, expr=f"{sym}{addend:+d}"))
+        else:
+            target = (_value(env, sym, op) + addend) if env is not None else 0
+            links.append(layout.Link(pcrel, target=target & ((1 << bits) - 1)))
+    return layout.body_digest(code, tuple((p, n) for p, n, *_ in specs), tuple(links))
 
 
 def meta_for(bits: int, backends: tuple[str, ...], ops: tuple[SynthOp, ...],
-             indirect_generic: bool = False) -> layout.Meta:
+             indirect_generic: bool = False, env: Env | None = None,
+             symbolic: bool = False) -> layout.Meta:
     names = tuple(o.name for o in ops) + tuple(layout.branch_op_name(b) for b in backends)
-    generic = layout.body_digest(b"\xff\x15" + bytes(4), ((2, 4),)) if indirect_generic \
-        else kind_digest("generic", bits)
-    digests = [(generic,
-                *(kind_digest(op.bodies[b], bits) if b in op.bodies else layout.ABSENT
-                  for b in backends)) for op in ops]
+    digests = []
+    for j, op in enumerate(ops):
+        generic = kind_digest("generic_indirect" if indirect_generic else "generic", bits, j,
+                              op.name, env, symbolic)
+        digests.append((generic, *(kind_digest(op.bodies[b], bits, j, op.name, env, symbolic)
+                                   if b in op.bodies else layout.ABSENT for b in backends)))
+    empty = layout.body_digest(b"", ())
     for k in range(1, len(backends) + 1):
         digests.append((kind_digest("branch", bits),
-                        *(kind_digest("branch" if j == k else "empty", bits)
+                        *(kind_digest("branch", bits) if j == k else empty
                           for j in range(1, len(backends) + 1))))
     return layout.Meta(machine=62 if bits == 64 else 3, backends=backends, ops=names,
                        spec_hash=0x5EED1234, digests=tuple(digests))
@@ -316,6 +342,7 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
     ro_end = repl_addr + repl_size
     image = bytearray(data_addr - base + len(data))
     image[text_addr - base:text_addr - base + len(text)] = text
+    meta = meta_for(bits, backends, ops, env=env)  # now with the fields' real targets
     meta_bytes = meta.encode(meta_addr, (sites_addr, sites_addr + len(sites_blob), repl_addr,
                                          ro_end))
     image[meta_addr - base:meta_addr - base + len(meta_bytes)] = meta_bytes
@@ -471,7 +498,7 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
     generic_len = 6 if indirect_generic else 5
     n_real = len(ops)
     nb = len(backends)
-    meta = meta_for(bits, backends, ops, indirect_generic)
+    meta = meta_for(bits, backends, ops, indirect_generic, symbolic=True)
     lines = [
         "# generated by tests/synthimage.py",
         # Bounds of this object's own tables: the image has only these.
