@@ -14,7 +14,7 @@ import sys
 from linkfix import image, layout, recognise, relocs, report, selection, tables
 from linkfix.errors import BadInput
 from linkfix.fileio import write_patched_copy
-from linkfix.splice import Splicer
+from linkfix.splice import NotRecognised, Splicer
 
 
 def op_state(t: tables.Tables, chk: tables.Checked, per_op: tuple[int, ...],
@@ -41,16 +41,19 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     t = tables.load(img)
     sel = selection.resolve(t.meta, args.target, args.op, args.policy, src)
     chk = tables.check_records(t)
-    selection.check_explicit(sel, t.meta, chk.present_by_op(), src,
+    warnings = selection.check_explicit(sel, t.meta, chk.present_by_op(), src,
                              getattr(args, "strict", False))
     sp = Splicer(t, chk)
     now = selection.from_state(t.meta)
-    # Recognise every site before anything is written.
-    recognise.check_state(t, sp, now.per_op, "state record", img.data)
     result: dict[str, object] = {}
 
     def edit(out) -> None:  # noqa: ANN001 - the output's writable mapping
-        eff = sp.apply(out, sel.per_op)
+        # Every site must hold what the state record says before it is rewritten
+        # (checked in the same pass; a refusal discards the copy).
+        try:
+            eff = sp.apply(out, sel.per_op, current=now.per_op)
+        except NotRecognised as e:
+            raise recognise.refusal(t, sp, e, "state record") from None
         result["relocs"] = relocs.update(sp, eff, out)
         state = op_state(t, chk, sel.per_op, eff)
         state_at = t.meta_region.offset + layout.STATE_OFFSET
@@ -60,6 +63,8 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     write_patched_copy(src, dst, mode, edit)
     n_relocs = result["relocs"]
     eff = result["eff"]
+    for line in warnings:
+        print(line, file=sys.stderr)
     report.finish(args, "LINKFIX", dst, lambda: [
         f"  target {t.alt_name(sel.target)} ({sel.source}); "
         f"{n_relocs} relocation slot(s) rewritten", *report.op_stats(t, chk, eff)])

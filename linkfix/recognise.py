@@ -12,7 +12,7 @@ import operator
 from collections.abc import Iterator
 
 from linkfix.errors import BadInput
-from linkfix.splice import Splicer, effective
+from linkfix.splice import NotRecognised, Splicer
 from linkfix.tables import Checked, Tables
 
 _CHUNK = 1 << 24
@@ -52,19 +52,14 @@ def same_sites(sp: Splicer, a, b) -> bool:  # type: ignore[no-untyped-def]
                for x in range(lo, hi, _CHUNK))
 
 
-def check_state(t: Tables, sp: Splicer, per_op: tuple[int, ...], source: str, src) -> None:  # type: ignore[no-untyped-def]
-    """Refuse the image unless every site holds the bytes `per_op` (its state record's
-    selection) implies."""
-    i = sp.first_mismatch(per_op)
-    if i is None:
-        return
-    sh = sp.shape_of(i)
-    k = effective(sh, per_op[sh.op])
-    off = sp.img.offset_of(sp.chk.site_addrs[i], sh.site_len)
+def refusal(t: Tables, sp: Splicer, e: NotRecognised, source: str) -> BadInput:
+    """The one-line refusal of a site that does not hold what its state record names."""
+    sh = sp.shape_of(e.i)
+    off = sp.img.offset_of(sp.chk.site_addrs[e.i], sh.site_len)
     assert off is not None
-    want = sp.site_bytes(i, k).hex()
-    got = bytes(src[off:off + sh.site_len]).hex()
-    raise BadInput(t.image.path, f"site {sp.chk.site_addrs[i]:#x} ({t.op_name(sh.op)}): "
-                                 f"holds {got}, not the {t.alt_name(k)} bytes {want} its "
-                                 f"{source} implies; refusing to overwrite bytes linkfix does "
-                                 "not recognise")
+    want = sp.site_bytes(e.i, e.k).hex()
+    got = bytes(sp.img.data[off:off + sh.site_len]).hex()
+    return BadInput(t.image.path, f"site {sp.chk.site_addrs[e.i]:#x} ({t.op_name(sh.op)}): "
+                                  f"holds {got}, not the {t.alt_name(e.k)} bytes {want} its "
+                                  f"{source} implies; refusing to overwrite bytes linkfix "
+                                  "does not recognise")

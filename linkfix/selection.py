@@ -8,7 +8,6 @@ explicitly. Backend `generic` is alternative 0, the dispatch call.
 
 from __future__ import annotations
 
-import sys
 import tomllib
 from dataclasses import dataclass
 
@@ -121,14 +120,16 @@ def resolve(meta: Meta, target: str | None, op_args: list[str], policy: str | No
 
 
 def check_explicit(sel: Selection, meta: Meta, present: dict[int, int],
-                   path: str | None, strict: bool) -> None:
+                   path: str | None, strict: bool) -> list[str]:
     """An op named on its own should have a body for the backend it is given.
 
     `present[op]` is the bit mask of alternatives the op's sites carry. Without
     a body the sites keep the generic call, which runs whatever backend the
-    kernel selected at boot, not the one asked for: a warning on stderr, or with
-    `strict` an error.
+    kernel selected at boot, not the one asked for: with `strict` an error,
+    else a warning line the command prints once it has succeeded (a failure
+    stays one line).
     """
+    warnings = []
     for op, k, where in sel.explicit:
         if k and op in present and not present[op] >> k & 1:
             message = (f"{where}: op '{meta.ops[op]}' has no body for backend "
@@ -136,10 +137,5 @@ def check_explicit(sel: Selection, meta: Meta, present: dict[int, int],
                        "runs the backend selected at boot")
             if strict:
                 raise BadInput(path, message)
-            print(f"linkfix: {path}: warning: {message}", file=sys.stderr)
-
-
-def from_state(meta: Meta) -> Selection:
-    """The selection recorded in the image's state record (what `patch` last wrote)."""
-    state = meta.op_state or (0,) * len(meta.ops)
-    return Selection(meta.target, tuple(state), "state record")
+            warnings.append(f"linkfix: {path}: warning: {message}")
+    return warnings

@@ -21,6 +21,34 @@ from linkfix.tables import Checked, Shape, Tables, site_error
 
 _EMPTY, _STATIC, _REL32, _FIELDS, _GENERAL = range(5)
 _SAME_TARGET, _SAME_FIELD, _IN_CODE = range(3)  # how _REL32 checks a copy's field
+# How apply recognises what a site holds before it writes (see _expectation).
+_CHECK_NONE, _CHECK_FIN, _CHECK_TARGET, _CHECK_SLOW = range(4)
+_NO_CHECK = (_CHECK_NONE, b"", 0, b"", 0, 0, 0)
+
+
+class NotRecognised(Exception):
+    """Site `i` does not hold the bytes of alternative `k`, which its state record names."""
+
+    def __init__(self, i: int, k: int) -> None:
+        super().__init__(i, k)
+        self.i = i
+        self.k = k
+
+
+def _expectation(cur: tuple) -> tuple:
+    """From the plan of what a site should hold now: how to check it in the write loop.
+
+    (_CHECK_FIN, bytes, ...): the site is exactly those bytes; (_CHECK_TARGET, head,
+    target, tail, pos, end, k): fixed bytes around a rel32 field reaching one place
+    for every site; (_CHECK_SLOW, ...): checked site by site before the loop.
+    """
+    mode, k, _blist, bdelta, _L, fin, _x, _y, z = cur
+    if mode in (_EMPTY, _STATIC) and (mode == _EMPTY or bdelta is not None):
+        return (_CHECK_FIN, fin, 0, b"", 0, 0, k)
+    if mode == _REL32 and z[1] == _SAME_TARGET:
+        pos = z[0]
+        return (_CHECK_TARGET, fin[:pos], z[2], fin[pos + 4:], pos, pos + 4, k)
+    return (_CHECK_SLOW, b"", 0, b"", 0, 0, k)
 _I32 = struct.Struct("<i")
 
 
@@ -250,79 +278,79 @@ class Splicer:
             self._groups = groups
         return self._groups
 
-    def apply(self, out, per_op: tuple[int, ...]) -> dict[bytes, int]:  # type: ignore[no-untyped-def]
+    def apply(self, out, per_op: tuple[int, ...],  # type: ignore[no-untyped-def]
+              current: tuple[int, ...] | None = None) -> dict[bytes, int]:
         """Write every site's bytes for the selection into `out` (a copy of the file).
 
-        Sites are handled shape by shape, so the per-shape decisions are made
-        once and the inner loops stay small. Returns the effective alternative
-        chosen for every record shape.
+        With `current` (the image's state record), every site must first hold the
+        bytes that selection implies, or NotRecognised is raised naming it: the
+        check runs in the same pass as the writes (`out` is a temporary copy, so
+        a refusal leaves nothing behind). Sites are handled shape by shape, so the
+        per-shape decisions are made once and the inner loops stay small. Returns
+        the effective alternative chosen for every record shape.
         """
         plans: dict[bytes, tuple] = {}
         view = memoryview(out)
         try:
             for key, idxs in self.groups().items():
                 p = plans[key] = self._plan(idxs[0], key, per_op)
-                self._write_group(out, view, p, idxs)
+                expect = _NO_CHECK
+                if current is not None:
+                    cur = self._plan(idxs[0], key, current)
+                    expect = _expectation(cur)
+                    if expect[0] == _CHECK_SLOW:
+                        bad = self._check_group(cur, idxs)
+                        if bad is not None:
+                            raise NotRecognised(bad, cur[1])
+                self._write_group(out, view, p, idxs, expect)
         finally:
             view.release()
         return {key: p[1] for key, p in plans.items()}
 
-    def first_mismatch(self, per_op: tuple[int, ...]) -> int | None:
-        """The first record (by shape) whose site does not hold the bytes `per_op`
-        implies, or None: what `apply` would write, checked without writing."""
+    def _check_group(self, p: tuple, idxs: list[int]) -> int | None:
+        """The first of `idxs` whose site does not hold what plan `p` writes, or None."""
         src = self.img.data
         starts = starts_with(src)
         sites = self.chk.site_addrs
         seg = self.chk.exec_seg
-        offset_of = self.img.offset_of
         unpack_i32 = _I32.unpack_from
-        for key, idxs in self.groups().items():
-            mode, k, blist, bdelta, L, fin, x, y, z = self._plan(idxs[0], key, per_op)
-            if seg is None or bdelta is None or mode not in (_EMPTY, _STATIC, _REL32):
-                for i in idxs:
-                    so = offset_of(sites[i], L)
-                    if src[so:so + L] != self.site_bytes(i, k):
-                        return i
-                continue
-            sdelta = seg.vaddr - seg.offset
-            if mode == _EMPTY or mode == _STATIC:
-                for i in idxs:
-                    so = sites[i] - sdelta
-                    if not starts(fin, so):
-                        return i
-                    if mode == _STATIC:
-                        bo = blist[i] - bdelta
-                        if not starts(x, bo) and self.site_bytes(i, k) != fin:
-                            return i
-                continue
-            pos, how, lo, hi = z
-            end = pos + 4
-            head, tail = fin[:pos], fin[end:]
-            if how == _SAME_TARGET:
-                # Every faithful site of this shape reaches `lo` + end: no body to read.
-                for i in idxs:
-                    s = sites[i]
-                    so = s - sdelta
-                    if unpack_i32(src, so + pos)[0] + s != lo or not starts(head, so) \
-                            or (tail and not starts(tail, so + end)):
-                        return i
-                continue
+        mode, k, blist, bdelta, L, fin, x, y, z = p
+        if seg is None or bdelta is None or mode not in (_EMPTY, _STATIC, _REL32):
+            offset_of = self.img.offset_of
+            return next((i for i in idxs if src[(so := offset_of(sites[i], L)):so + L]
+                         != self.site_bytes(i, k)), None)
+        sdelta = seg.vaddr - seg.offset
+        if mode == _EMPTY or mode == _STATIC:
             for i in idxs:
-                s = sites[i]
-                b = blist[i]
-                so, bo = s - sdelta, b - bdelta
-                field = unpack_i32(src, bo + pos)[0]
-                got = field + b
-                if starts(x, bo) and starts(y, bo + end) \
-                        and (field == lo if how == _SAME_FIELD else lo <= got < hi):
-                    if not starts(head, so) or not starts(tail, so + end) \
-                            or unpack_i32(src, so + pos)[0] + s != got:
-                        return i
-                elif src[so:so + L] != self.site_bytes(i, k):
+                so = sites[i] - sdelta
+                if not starts(fin, so):
                     return i
+                if mode == _STATIC:
+                    bo = blist[i] - bdelta
+                    if not starts(x, bo) and self.site_bytes(i, k) != fin:
+                        return i
+            return None
+        pos, how, lo, hi = z
+        end = pos + 4
+        head, tail = fin[:pos], fin[end:]
+        for i in idxs:
+            s = sites[i]
+            b = blist[i]
+            so, bo = s - sdelta, b - bdelta
+            field = unpack_i32(src, bo + pos)[0]
+            got = field + b
+            if starts(x, bo) and starts(y, bo + end) \
+                    and (got == lo if how == _SAME_TARGET else
+                         field == lo if how == _SAME_FIELD else lo <= got < hi):
+                if not starts(head, so) or not starts(tail, so + end) \
+                        or unpack_i32(src, so + pos)[0] + s != got:
+                    return i
+            elif src[so:so + L] != self.site_bytes(i, k):
+                return i
         return None
 
-    def _write_group(self, out, view: memoryview, p: tuple, idxs: list[int]) -> None:  # type: ignore[no-untyped-def]
+    def _write_group(self, out, view: memoryview, p: tuple, idxs: list[int],  # type: ignore[no-untyped-def]
+                     expect: tuple) -> None:
         chk = self.chk
         img = self.img
         sites = chk.site_addrs
@@ -338,12 +366,19 @@ class Splicer:
         offset_of = img.offset_of
         wraps = self.bits == 32  # i386 displacements wrap around the 4 GiB space
         mode, k, blist, bdelta, L, fin, x, y, z = p
+        cm, chead, clo, ctail, cpos, cend, kc = expect
+        if cm == _CHECK_SLOW:
+            cm = _CHECK_NONE  # checked before the writes
         i = -1
         try:
             if mode == _EMPTY:
                 for i in idxs:
                     s = sites[i]
                     so = s - sdelta if one_seg else offset_of(s, L)
+                    if cm and (not starts(chead, so) if cm == _CHECK_FIN else
+                               unpack_i32(src, so + cpos)[0] + s != clo
+                               or not starts(chead, so) or not starts(ctail, so + cend)):
+                        raise NotRecognised(i, kc)
                     view[so:so + L] = fin
                 return
             if mode == _REL32 and one_seg and bdelta is not None:
@@ -352,6 +387,11 @@ class Splicer:
                 end = pos + 4
                 for i in idxs:
                     s = sites[i]
+                    if cm and (not starts(chead, s - sdelta) if cm == _CHECK_FIN else
+                               unpack_i32(src, s - sdelta + cpos)[0] + s != clo
+                               or not starts(chead, s - sdelta)
+                               or not starts(ctail, s - sdelta + cend)):
+                        raise NotRecognised(i, kc)
                     b = blist[i]
                     bo = b - bdelta
                     field = unpack_i32(src, bo + pos)[0]
@@ -374,6 +414,10 @@ class Splicer:
             for i in idxs:
                 s = sites[i]
                 so = s - sdelta if one_seg else offset_of(s, L)
+                if cm and (not starts(chead, so) if cm == _CHECK_FIN else
+                           unpack_i32(src, so + cpos)[0] + s != clo
+                           or not starts(chead, so) or not starts(ctail, so + cend)):
+                    raise NotRecognised(i, kc)
                 b = blist[i]
                 bo = b - bdelta if bdelta is not None else offset_of(b, 1)
                 if mode == _STATIC:

@@ -28,7 +28,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
     else:
         sel = selection.from_state(t.meta)
     chk = tables.check_records(t)
-    selection.check_explicit(sel, t.meta, chk.present_by_op(), path,
+    warnings = selection.check_explicit(sel, t.meta, chk.present_by_op(), path,
                              getattr(args, "strict", False))
     sp = Splicer(t, chk)
     expected = bytearray(img.data)
@@ -49,6 +49,8 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
         raise VerifyMismatch(path, f"{bad} of {report.plural(t.n_sites, 'site')} differ from "
                                    "the selection "
                                    f"({sel.source}: {t.alt_name(sel.target)})")
+    for line in warnings:
+        print(line, file=sys.stderr)
     report.finish(args, "VERIFY", path, lambda: [
         f"  selection {t.alt_name(sel.target)} ({sel.source}): "
         f"{'the site matches' if t.n_sites == 1 else f'all {t.n_sites} sites match'}",
