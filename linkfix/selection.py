@@ -139,3 +139,9 @@ def check_explicit(sel: Selection, meta: Meta, present: dict[int, int],
                 raise BadInput(path, message)
             warnings.append(f"linkfix: {path}: warning: {message}")
     return warnings
+
+
+def from_state(meta: Meta) -> Selection:
+    """The selection recorded in the image's state record (what `patch` last wrote)."""
+    state = meta.op_state or (0,) * len(meta.ops)
+    return Selection(meta.target, tuple(state), "state record")
