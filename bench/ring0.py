@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 
 from common import ROOT, BenchError, fmt, pct, run
@@ -158,21 +159,35 @@ def has_bench_target() -> bool:
         return re.search(r"^bench\s*:", f.read(), re.M) is not None
 
 
+# make arguments and the name results are filed under (gcc's under the plain arch)
+TOOLCHAINS = (("gcc", (), ("gcc", "ld")), ("clang + GNU ld", ("CC=clang",), ("clang", "ld")),
+              ("clang + ld.lld", ("LLVM=1",), ("clang", "ld.lld")))
+
+
 def measure(quick: bool) -> Ring0Result:
     res = Ring0Result()
     if not has_bench_target():
         res.why = "sample_kernel/Makefile has no `bench` target yet."
         return res
     errors = []
-    for arch in ARCHES:
-        try:
-            out = run(["make", "-s", "-C", SAMPLE, "bench", f"ARCH={arch}", "V=1"],
-                      timeout=900).stdout
-        except BenchError as exc:
-            errors.append(str(exc))
+    for name, args, tools in TOOLCHAINS:
+        if not all(shutil.which(t) for t in tools):
             continue
-        res.raw += out
-        parse(out, res)
+        for arch in ARCHES:
+            try:
+                out = run(["make", "-s", "-C", SAMPLE, "bench", f"ARCH={arch}", *args, "V=1"],
+                          timeout=900).stdout
+            except BenchError as exc:
+                errors.append(str(exc))
+                continue
+            res.raw += out
+            one = Ring0Result()
+            parse(out, one)
+            key = arch if name == "gcc" else f"{arch}, {name}"
+            for src, dst in ((one.per_op, res.per_op), (one.workload, res.workload),
+                             (one.workload_iters, res.workload_iters)):
+                if arch in src:
+                    dst[key] = src[arch]
     res.available = bool(res.per_op or res.workload)
     if errors:
         res.failed = True
