@@ -91,16 +91,23 @@ class Splicer:
         return got
 
     def code_for(self, i: int, k: int, body: bytes) -> fixups.Code:
-        """The decoded body; the op's first decoded copy serves every copy with its skeleton."""
+        """The decoded body; the op's first decoded copy serves every copy with its skeleton.
+
+        Every copy unlike that first one is checked against the digest first: the
+        skeleton masks all PC-relative fields, the digest only those the link
+        filled in (a rel8 jump the body carries itself must not change).
+        """
         sh = self.shape_of(i)
         tmpl = self._templates.get((sh.op, k))
+        if tmpl is not None and body == tmpl.body:
+            return tmpl
+        self.check_digest(i, k, body)
         if tmpl is not None and len(tmpl.body) == len(body):
             skel = bytearray(body)
             for f in tmpl.external:
                 skel[f.pos:f.pos + f.size] = bytes(f.size)
             if skel == tmpl.skeleton:
                 return tmpl
-        self.check_digest(i, k, body)
         try:
             code = fixups.analyze(body, self.bits)
         except fixups.FixupError as exc:
