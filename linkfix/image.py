@@ -32,6 +32,7 @@ SHT_RELA = 4
 SHT_NOBITS = 8
 SHT_REL = 9
 SHT_DYNSYM = 11
+SHT_DYNAMIC_SEC = 6
 SHT_RELR = 19
 SHF_ALLOC = 0x2
 
@@ -416,11 +417,22 @@ class Image:
 
     def _dynamic_tags(self) -> dict[int, int]:
         tags: dict[int, int] = {}
-        for ptype, _fl, off, _va, filesz, _m in self.segments:
+        for ptype, _fl, off, va, filesz, _m in self.segments:
             if ptype != PT_DYNAMIC:
                 continue
             fmt = struct.Struct("<qQ" if self.bits == 64 else "<iI")
             self._check_range("PT_DYNAMIC", off, filesz)
+            # The loader reads the dynamic table at its address: a p_offset that
+            # disagrees would hide load-time relocations from this reader.
+            mapped = self.offset_of(va, max(filesz, 1))
+            if mapped != off:
+                where = f"file offset {mapped:#x}" if mapped is not None else "no file bytes"
+                raise BadInput(self.path, f"PT_DYNAMIC: p_offset {off:#x} disagrees with its "
+                                          f"address {va:#x} ({where})")
+            dyn = next((sec for sec in self.sections if sec.type == SHT_DYNAMIC_SEC), None)
+            if dyn is not None and (dyn.addr, dyn.offset) != (va, off):
+                raise BadInput(self.path, f"PT_DYNAMIC at {va:#x} (file offset {off:#x}) "
+                                          f"disagrees with section {dyn.name}")
             for i in range(filesz // fmt.size):
                 tag, val = fmt.unpack_from(self.data, off + i * fmt.size)
                 if tag == DT_NULL:

@@ -255,3 +255,19 @@ def test_sparse_image_is_read_through_mmap(tmp_path: Path, linked: Path) -> None
     assert out.stat().st_size == 2 << 30
     with open(out, "rb") as f:
         assert f.read(16) == linked.read_bytes()[:16]
+
+
+def test_dynamic_table_read_at_its_address(tmp_path: Path) -> None:
+    """A PT_DYNAMIC whose p_offset disagrees with its address would hide the load-time
+    relocations from patch (the loader reads the table at its address)."""
+    import synthimage as si
+
+    path = tmp_path / "pie"
+    si.build_asm(str(path), str(tmp_path / "w"), [0, 1, 2], 32, pie=True)
+    m = Mut(path, tmp_path / "bad")
+    n = next(j for j, seg in enumerate(m.img.segments) if seg[0] == image.PT_DYNAMIC)
+    m.set_phdr(n, offset=0)
+    bad = m.write()
+    out = tmp_path / "out"
+    refused(run("patch", str(bad), "-o", str(out), "--target", "native"), bad,
+            "PT_DYNAMIC: p_offset 0x0 disagrees with its address", out)
