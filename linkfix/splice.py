@@ -49,6 +49,13 @@ def _expectation(cur: tuple) -> tuple:
         pos = z[0]
         return (_CHECK_TARGET, fin[:pos], z[2], fin[pos + 4:], pos, pos + 4, k)
     return (_CHECK_SLOW, b"", 0, b"", 0, 0, k)
+
+
+def _fields_match(starts, x: tuple, at: int) -> bool:  # type: ignore[no-untyped-def]
+    for pos, seg in x:
+        if not starts(seg, at + pos):
+            return False
+    return True
 _I32 = struct.Struct("<i")
 
 
@@ -356,6 +363,15 @@ class Splicer:
                 return i
         return None
 
+    def _put(self, out, at: int, value: int) -> None:  # type: ignore[no-untyped-def]
+        """A rel32 field; on i386 a displacement wraps around the 4 GiB space."""
+        try:
+            _I32.pack_into(out, at, value)
+        except struct.error:
+            if self.bits != 32:
+                raise
+            _I32.pack_into(out, at, fixups.wrap32(value))
+
     def _write_group(self, out, view: memoryview, p: tuple, idxs: list[int],  # type: ignore[no-untyped-def]
                      expect: tuple) -> None:
         chk = self.chk
@@ -387,6 +403,44 @@ class Splicer:
                                or not starts(chead, so) or not starts(ctail, so + cend)):
                         raise NotRecognised(i, kc)
                     view[so:so + L] = fin
+                return
+            if one_seg and bdelta is not None and (
+                    mode == _STATIC or mode == _REL32 and z[1] == _SAME_TARGET):
+                # Every faithful copy of this body gives the site the same bytes (and,
+                # for a call, the same target): the site gets those of the copy the
+                # plan checked against the digest and the header's records, and each
+                # other copy must equal it (else the general path, which refuses it).
+                static = mode == _STATIC
+                pos, lo = (-1, 0) if static else (z[0], z[2])
+                end = pos + 4
+                fast_head = cm == _CHECK_TARGET and len(chead) == 1 and not ctail
+                hb = chead[0] if fast_head else 0
+                for i in idxs:
+                    s = sites[i]
+                    so = s - sdelta
+                    if fast_head:
+                        if src[so] != hb or unpack_i32(src, so + cpos)[0] + s != clo:
+                            raise NotRecognised(i, kc)
+                    elif cm and (not starts(chead, so) if cm == _CHECK_FIN else
+                                 unpack_i32(src, so + cpos)[0] + s != clo
+                                 or not starts(chead, so) or not starts(ctail, so + cend)):
+                        raise NotRecognised(i, kc)
+                    b = blist[i]
+                    bo = b - bdelta
+                    if static:
+                        if not starts(x, bo):
+                            view[so:so + L] = self.site_bytes(i, k)
+                            continue
+                    elif unpack_i32(src, bo + pos)[0] + b != lo or not starts(x, bo) \
+                            or not starts(y, bo + end):
+                        view[so:so + L] = self.site_bytes(i, k)
+                        continue
+                    view[so:so + L] = fin
+                    if not static:
+                        try:
+                            pack_i32(out, so + pos, lo - s)
+                        except struct.error:
+                            self._put(out, so + pos, lo - s)
                 return
             if mode == _REL32 and one_seg and bdelta is not None:
                 pos, how, lo, hi = z
@@ -449,11 +503,16 @@ class Splicer:
                         continue
                 elif mode == _FIELDS:
                     d = b - s
-                    if (d > z or -d > z) and all(starts(seg_, bo + at) for at, seg_ in x):
-                        values = [unpack(src, bo + old_pos)[0] for _n, old_pos, unpack, _p,
-                                  _c, _w in y]
-                        if all(w is None or v + b == w
-                               for v, (_n, _o, _u, _p, _c, w) in zip(values, y, strict=True)):
+                    if (d > z or -d > z) and _fields_match(starts, x, bo):
+                        ok = True
+                        values = []
+                        for _n, old_pos, unpack, _p, _c, w in y:
+                            v = unpack(src, bo + old_pos)[0]
+                            if w is not None and v + b != w:
+                                ok = False
+                                break
+                            values.append(v)
+                        if ok:
                             view[so:so + L] = fin
                             for v, (new_pos, _o, _u, pack, const, _w) in zip(values, y,
                                                                                strict=True):
