@@ -340,13 +340,18 @@ class Prototype:
 
 
 def prototypes(spec: Spec, models: list[OpModel]) -> list[Prototype]:
-    """Prototypes of the C functions that whole-call bodies name (C identifiers only)."""
+    """Prototypes of the C functions that whole-call bodies name (C identifiers only),
+    then of those inline bodies call that the spec declares (`[ops.<op>.calls]`)."""
     seen: dict[str, Prototype] = {}
     for m in models:
         for body in m.bodies.values():
             if body.kind == KIND_CALL and body.callee and IDENT.match(body.callee):
                 seen.setdefault(body.callee,
                                 Prototype(m.op.returns or "void", body.callee, _params(m.op)))
+    for m in models:
+        for fn, (ret, args) in m.op.calls.items():
+            params = ", ".join(_decl(a.ctype, a.name) for a in args) or "void"
+            seen.setdefault(fn, Prototype(ret or "void", fn, params))
     return list(seen.values())
 
 

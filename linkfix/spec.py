@@ -23,7 +23,7 @@ from linkfix.layout import branch_op_name
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes")
-OP_FIELDS = ("args", "returns", "clobbers", "bodies")
+OP_FIELDS = ("args", "returns", "clobbers", "bodies", "calls")
 
 # C integer types passed by value, with their size in bytes (None: the word size).
 # Named typedefs (u64, pteval_t, ...) are not accepted by value because their
@@ -102,6 +102,9 @@ class Op:
     returns: str | None  # C type, None for void
     clobbers: tuple[str, ...]  # declared extra registers, full-width names, spec order
     bodies: dict[str, str] = field(hash=False)  # backend -> body text as written
+    # functions its inline bodies call, declared in the spec: name -> (returns, args)
+    calls: dict[str, tuple[str | None, tuple[Arg, ...]]] = field(default_factory=dict,
+                                                                 hash=False)
 
     def signature_key(self) -> tuple[str | None, tuple[str, ...]]:
         return self.returns, tuple(a.ctype for a in self.args)
@@ -133,6 +136,9 @@ class Spec:
                     "returns": op.returns,
                     "clobbers": list(op.clobbers),
                     "bodies": {b: op.bodies[b] for b in self.backends if b in op.bodies},
+                    **({"calls": {fn: [ret, [f"{a.ctype} {a.name}" for a in args]]
+                                  for fn, (ret, args) in op.calls.items()}}
+                       if op.calls else {}),
                 }
                 for op in self.ops
             ],
@@ -344,6 +350,7 @@ def validate(data: dict[str, Any], path: str) -> Spec:
         for index, (name, body) in enumerate(ops_table.items())
     )
     _check_call_targets(ck, ops, backends)
+    _check_declared_calls(ck, ops)
     _check_generated_names(ck, arch, ops, backends)
     _check_names_size(ck, ops, names_size)
     return Spec(path=path, arch=arch, backends=backends, default_backend=default,
@@ -417,34 +424,64 @@ def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: A
     if not bodies:
         raise ck.fail("no body for any backend", op=name, fld="bodies")
     ordered = {b: bodies[b] for b in backends if b in bodies}
+    calls = _calls(ck, arch, name, table.get("calls", {}), ordered)
     return Op(name=name, index=index, args=args, returns=returns, clobbers=clobbers,
-              bodies=ordered)
+              bodies=ordered, calls=calls)
 
 
-def _args(ck: _Checker, arch: Arch, op: str, value: Any) -> tuple[Arg, ...]:
+def _calls(ck: _Checker, arch: Arch, op: str, value: Any, bodies: dict[str, str]
+           ) -> dict[str, tuple[str | None, tuple[Arg, ...]]]:
+    """`[ops.<op>.calls]`: `fn = "<return type> (<parameters>)"` for a function an
+    inline body calls, so that linkfix.h can declare it (its arguments are what the
+    body leaves in the argument registers: only its author knows them)."""
+    if not isinstance(value, dict):
+        raise ck.fail("must be a table of function = \"<return type> (<parameters>)\"",
+                      op=op, fld="calls")
+    called = {fn for text in bodies.values() for fn in _body_calls(text)[1]}
+    out: dict[str, tuple[str | None, tuple[Arg, ...]]] = {}
+    for fn, decl in value.items():
+        where = f"calls.{fn}"
+        if fn not in called:
+            raise ck.fail("not a function an inline body of this op calls", op=op, fld=where)
+        if not isinstance(decl, str):
+            raise ck.fail("must be a string \"<return type> (<parameters>)\"", op=op,
+                          fld=where)
+        m = re.fullmatch(r"\s*([^()]*?)\s*\(([^()]*)\)\s*", decl)
+        if not m or not m.group(1):
+            raise ck.fail(f"'{decl}' is not \"<return type> (<parameters>)\"", op=op,
+                          fld=where)
+        ret = _ctype(ck, arch, op, where, m.group(1), whole=decl)
+        params = m.group(2).strip()
+        decls = [] if params in ("", "void") else [p.strip() for p in params.split(",")]
+        out[fn] = (None if ret == "void" else ret, _args(ck, arch, op, decls, fld=where))
+    return out
+
+
+def _args(ck: _Checker, arch: Arch, op: str, value: Any, fld: str = "args"
+          ) -> tuple[Arg, ...]:
     if not isinstance(value, list):
-        raise ck.fail("must be a list of \"<C type> <name>\" strings", op=op, fld="args")
+        raise ck.fail("must be a list of \"<C type> <name>\" strings", op=op, fld=fld)
     if len(value) > len(arch.arg_regs):
         raise ck.fail(f"too many arguments: {len(value)} given, {arch.name} passes at most "
                       f"{len(arch.arg_regs)} in registers ({', '.join(arch.arg_regs)})",
-                      op=op, fld="args")
+                      op=op, fld=fld)
     out: list[Arg] = []
     for decl in value:
         if not isinstance(decl, str):
-            raise ck.fail(f"{decl!r} is not a \"<C type> <name>\" string", op=op, fld="args")
+            raise ck.fail(f"{decl!r} is not a \"<C type> <name>\" string", op=op, fld=fld)
         m = re.fullmatch(r"\s*(.*?[\s*])\s*([A-Za-z_][A-Za-z0-9_]*)\s*", decl)
         if not m or not m.group(1).strip():
-            raise ck.fail(f"'{decl}' is not \"<C type> <name>\"", op=op, fld="args")
+            raise ck.fail(f"'{decl}' is not \"<C type> <name>\"", op=op, fld=fld)
         pname = m.group(2)
         problem = _c_name_problem(pname)
         if problem:
             raise ck.fail(f"'{decl}': parameter name '{pname}' {problem}", op=op,
-                          fld="args")
+                          fld=fld)
         if any(a.name == pname for a in out):
-            raise ck.fail(f"parameter '{pname}' given twice", op=op, fld="args")
-        ctype = _ctype(ck, arch, op, "args", m.group(1), whole=decl)
+            raise ck.fail(f"parameter '{pname}' given twice", op=op, fld=fld)
+        ctype = _ctype(ck, arch, op, fld, m.group(1), whole=decl)
         if ctype == "void":
-            raise ck.fail(f"'{decl}': a parameter cannot be void", op=op, fld="args")
+            raise ck.fail(f"'{decl}': a parameter cannot be void", op=op, fld=fld)
         out.append(Arg(ctype=ctype, name=pname))
     return tuple(out)
 
@@ -614,6 +651,24 @@ def _check_call_targets(ck: _Checker, ops: tuple[Op, ...], backends: tuple[str, 
                 raise ck.fail(
                     f"'{whole}' is also the body of op '{first.name}' with a different "
                     f"signature (its prototype would conflict)", op=op.name, fld=f"bodies.{b}")
+
+
+def _check_declared_calls(ck: _Checker, ops: tuple[Op, ...]) -> None:
+    """A function gets one prototype: a declared inner call must agree with every other
+    declaration of it and with its whole-call ops' signature."""
+    sig: dict[str, tuple[tuple[str | None, tuple[str, ...]], str]] = {}
+    for op in ops:
+        for text in op.bodies.values():
+            fn = whole_call_target(text)
+            if fn is not None:
+                sig.setdefault(fn, (op.signature_key(), f"the body of op '{op.name}'"))
+    for op in ops:
+        for fn, (ret, args) in op.calls.items():
+            mine = (ret, tuple(a.ctype for a in args))
+            first = sig.setdefault(fn, (mine, f"op '{op.name}'"))
+            if first[0] != mine:
+                raise ck.fail(f"'{fn}' is declared with another signature by {first[1]} (its "
+                              "prototype would conflict)", op=op.name, fld=f"calls.{fn}")
 
 
 def _check_generated_names(ck: _Checker, arch: Arch, ops: tuple[Op, ...],

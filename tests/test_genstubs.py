@@ -731,3 +731,43 @@ def test_verbose_prints_the_command_line_and_honours_v_1(tmp_path: Path) -> None
                                                             str(tmp_path / "b")).replace(
         " -v", "")
     assert any(line.startswith("  irq_disable: site ") for line in quiet.stdout.splitlines())
+
+
+def test_declared_inner_calls_get_prototypes(tmp_path: Path) -> None:
+    """`[ops.<op>.calls]` declares what an inline body's callee takes; linkfix.h then
+    declares it, and a definition that disagrees no longer compiles silently."""
+    text = (SPECS / "x86_64.toml").read_text().replace(
+        "[ops.write_cr3]", '[ops.restore_fl.calls]\nxen_irq_enable = "void (void)"\n\n'
+        "[ops.write_cr3]", 1)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    proc = gen_cli(spec, tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    header = (tmp_path / "out" / "linkfix.h").read_text()
+    assert "void LINKFIX_CALLEE xen_irq_enable(void);" in header
+    ok = tmp_path / "ok.c"
+    ok.write_text('#include "linkfix.h"\nvoid LINKFIX_CALLEE xen_irq_enable(void) {}\n')
+    bad = tmp_path / "bad.c"
+    bad.write_text('#include "linkfix.h"\nint xen_irq_enable(int x) { return x; }\n')
+    cc = ["gcc", "-c", "-Wall", "-Wextra", "-Werror", f"-I{tmp_path / 'out'}", "-o",
+          str(tmp_path / "x.o")]
+    assert subprocess.run([*cc, str(ok)], capture_output=True).returncode == 0
+    assert subprocess.run([*cc, str(bad)], capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("calls,message", [
+    ('nope = "void (void)"', "field 'calls.nope': not a function an inline body of this op "
+                             "calls"),
+    ('xen_irq_enable = "void"', "is not \"<return type> (<parameters>)\""),
+    ('xen_irq_enable = "struct x (void)"', "cannot be passed in a register"),
+    ('xen_irq_enable = "void (unsigned long)"', "parameter name 'long' is a C keyword"),
+])
+def test_bad_inner_call_declarations(tmp_path: Path, calls: str, message: str) -> None:
+    text = (SPECS / "x86_64.toml").read_text().replace(
+        "[ops.write_cr3]", f"[ops.restore_fl.calls]\n{calls}\n\n[ops.write_cr3]", 1)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    proc = gen_cli(spec, tmp_path / "out", "-q")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "op 'restore_fl'" in proc.stderr
+    assert message in proc.stderr, proc.stderr

@@ -267,3 +267,13 @@ def test_output_equal_to_input_is_refused(synth: si.Synth, tmp_path: Path) -> No
                        cwd=tmp_path)
     assert r.returncode == 2
     assert copy.stat().st_mtime_ns == before
+
+
+def test_summary_counts_one_site(tmp_path: Path) -> None:
+    one = si.build_fast(str(tmp_path / "one"), 1, 64, site_ops=[0])
+    rc, stdout, err = cli("patch", one.path, "-o", str(tmp_path / "out"), "--target", "xen",
+                          "-v")
+    assert rc == 0, err
+    lines = stdout.splitlines()
+    assert lines[-1] == "  total: 1 site"
+    assert any(line.startswith("  irq_disable: 1 site (") for line in lines)

@@ -48,7 +48,7 @@ BAD = [
     ("unknown-op-field", HEAD + OK_OP + "[ops.save_fl]\nreturn = \"unsigned long\"\n"
      "[ops.save_fl.bodies]\nnative = \"pushf; pop %rax\"\n",
      "op 'save_fl': field 'return': unknown field (expected one of: args, returns, clobbers, "
-     "bodies)"),
+     "bodies, calls)"),
     ("unknown-linkfix-field", HEAD.replace("[linkfix]", "[linkfix]\nbackend = \"x\"") + OK_OP,
      "field 'linkfix.backend': unknown field (expected one of: arch, backends, "
      "default_backend, includes)"),
