@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from linkfix import cnames, crosscheck
 from linkfix.arch import ARCHES, Arch
+from linkfix.cnames import IDENT
+from linkfix.crosscheck import whole_call_target  # noqa: F401 - part of this module's API
 from linkfix.errors import BadInput
 from linkfix.fileio import read_regular
-from linkfix.layout import branch_op_name
-
-IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes")
 OP_FIELDS = ("args", "returns", "clobbers", "bodies", "calls")
@@ -40,52 +40,6 @@ _SCALARS: dict[str, int | None] = {
     "unsigned long long": 8, "unsigned long long int": 8,
 }
 _QUALIFIERS = ("const", "volatile")
-_C_KEYWORDS = frozenset((
-    # C89/C99
-    "auto break case char const continue default do double else enum extern float for goto "
-    "if inline int long register restrict return short signed sizeof static struct switch "
-    "typedef union unsigned void volatile while _Bool _Complex _Imaginary "
-    # C11/C17
-    "_Alignas _Alignof _Atomic _Generic _Noreturn _Static_assert _Thread_local "
-    # C23
-    "alignas alignof bool constexpr false nullptr static_assert thread_local true typeof "
-    "typeof_unqual _BitInt _Decimal32 _Decimal64 _Decimal128 "
-    # GNU C (gcc and clang spellings), and identifiers the compiler predefines
-    "asm __asm __asm__ __alignof __alignof__ __attribute __attribute__ __auto_type "
-    "__builtin_offsetof __builtin_va_arg __builtin_types_compatible_p __builtin_choose_expr "
-    "__builtin_has_attribute __builtin_convertvector __builtin_shufflevector __builtin_tgmath "
-    "__builtin_complex __complex __complex__ __const __const__ __extension__ __imag __imag__ "
-    "__inline __inline__ __int128 __int128_t __uint128_t __label__ __real __real__ "
-    "__restrict __restrict__ __signed __signed__ __thread __typeof __typeof__ "
-    "__typeof_unqual __typeof_unqual__ __volatile __volatile__ __float80 __float128 __ibm128 "
-    "__fp16 __bf16 _Float16 _Float32 _Float32x _Float64 _Float64x _Float128 _Float128x "
-    "_Decimal64x _Sat _Fract _Accum __seg_fs __seg_gs __func__ __FUNCTION__ "
-    "__PRETTY_FUNCTION__ __has_include __has_include_next __has_attribute "
-    "__has_c_attribute __has_builtin __has_feature __has_extension __VA_ARGS__ __VA_OPT__"
-).split())
-# Type keywords a spec's C types may use.
-_TYPE_KEYWORDS = frozenset("void char short int long float double signed unsigned _Bool "
-                           "const volatile struct union enum".split())
-# Macros gcc and clang predefine for x86 (`gcc -dM -E`) that are not spelled __UPPER__:
-# linkfix_thunks.S and linkfix_asm.h go through cpp and linkfix.h is C, so a name
-# spelled like one would become `1` (`call linux` assembles as `call 1`).
-_PREDEFINED_MACROS = frozenset(
-    "linux unix i386 __linux __linux__ __gnu_linux__ __unix __unix__ __i386 __i386__ "
-    "__i686 __i686__ __pentiumpro __pentiumpro__ __tune_i686__ __tune_pentiumpro__ "
-    "__amd64 __amd64__ __x86_64 __x86_64__ __k8 __k8__ __tune_k8__ __code_model_small__ "
-    "__code_model_32__ __pic__ __pie__ __clang__ __llvm__ __clang_major__ __clang_minor__ "
-    "__clang_patchlevel__ __clang_version__ __clang_literal_encoding__ "
-    "__clang_wide_literal_encoding__".split())
-_PREDEFINED_UPPER = re.compile(r"__[A-Z][A-Za-z0-9_]*__\Z")  # __GNUC__, __FILE__, __INT8_FMTd__
-# Prefixes of what linkfix generates: linkfix_* and LINKFIX* (API, macros), __lf_*
-# (thunks, bodies, temporaries), __linkfix* (header and linker-script symbols).
-_OWN_PREFIXES = ("linkfix_", "LINKFIX", "__lf_", "__linkfix")
-# C macros linkfix.h and linkfix_ops.c define, without the LINKFIX_ prefix (besides
-# LINKFIX_BACKEND_<name> and LINKFIX_BACKEND_<NAME> per backend).
-_OWN_MACROS = ("H", "ASM_H", "SPEC_HASH", "N_OPS", "N_BACKENDS", "DEFAULT_BACKEND", "CALLEE",
-               "BACKEND_GENERIC")
-_GAS_HELPER = "_need"  # linkfix_asm.h's `.macro LINKFIX__need`
-NAMES_MAX = 0xFFFF  # names_size in the image header is a u16
 
 
 @dataclass(frozen=True)
@@ -165,96 +119,6 @@ class _Checker:
         return BadInput(self.path, ": ".join(parts))
 
 
-def _predefined(name: str) -> bool:
-    return name in _PREDEFINED_MACROS or bool(_PREDEFINED_UPPER.match(name))
-
-
-def _own(name: str) -> bool:
-    return name.startswith(_OWN_PREFIXES)
-
-
-_OWN_NAMES = ("reserved for linkfix's generated code (names starting with linkfix_, LINKFIX, "
-              "__lf_ or __linkfix)")
-
-
-def _c_name_problem(name: str, macros: bool = True) -> str | None:
-    """Why `name` cannot be an op, argument or backend name ("is ..."), or None.
-
-    `macros`: also refuse predefined macro names (for names that appear as tokens
-    of their own, not only pasted into longer ones)."""
-    if not IDENT.match(name):
-        return "is not a C identifier"
-    if name in _C_KEYWORDS:
-        return "is a C keyword (C11 to C23 or GNU C)"
-    if _own(name):
-        return f"is {_OWN_NAMES}"
-    if name.startswith("__") or re.match(r"_[A-Z]", name):
-        return ("is a reserved identifier (names starting with __, or with _ and a capital "
-                "letter, belong to the compiler and the C library)")
-    if macros and _predefined(name):
-        return "is a macro gcc and clang predefine (the C preprocessor would replace it)"
-    return None
-
-
-def _callee_problem(name: str) -> str | None:
-    """Why `name` cannot be the function of a `call` ("is ..."), or None.
-
-    Callees are link symbols, so `__`-prefixed kernel functions are fine; refused
-    are what the compiler or preprocessor owns and what linkfix generates (calling
-    `__lf_dispatch_<op>` from a body would recurse forever).
-    """
-    if name.startswith("."):
-        return "is a local label or section name (it starts with '.'), not a function"
-    if name in _C_KEYWORDS:
-        return "is a C keyword (C11 to C23 or GNU C)"
-    if name.startswith("__builtin_"):
-        return "is a compiler builtin, not a link symbol"
-    if _own(name):
-        return f"is {_OWN_NAMES}"
-    if _predefined(name):
-        return ("is a macro gcc and clang predefine (linkfix_thunks.S goes through the C "
-                "preprocessor, which would replace it)")
-    return None
-
-
-_BODY_WORD = re.compile(r"(?<![%\w.$])[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _body_text_problem(text: str) -> str | None:
-    """Why a body's text cannot be pasted into every generated file, or None.
-
-    The same statements go into a C string (linkfix.h), a GAS macro (linkfix_asm.h,
-    through cpp) and plain assembly (linkfix_thunks.S, through cpp); anything one of
-    them would read differently from GNU as is refused. `#` comments are dropped
-    before rendering, so only control characters are refused inside them.
-    """
-    for c in text:
-        if c not in "\t\n" and not c.isprintable():
-            return (f"body contains the character U+{ord(c):04X}: only printable "
-                    f"characters, tab and newline may appear in a body")
-    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
-    for seq in ("/*", "*/", "//"):
-        if seq in code:
-            return (f"body contains '{seq}', C comment syntax: linkfix_thunks.S and "
-                    f"linkfix_asm.h go through the C preprocessor; use '#' comments")
-    if "\\" in code:
-        return ("body contains a backslash: in linkfix_asm.h the body is inside a GAS "
-                ".macro, where '\\' starts a macro argument")
-    for c in "{}":
-        if c in code:
-            return (f"body contains '{c}': gcc and clang read braces in an asm template as "
-                    f"assembler-dialect alternatives")
-    for word in _BODY_WORD.findall(code):
-        if _predefined(word):
-            return (f"body uses '{word}', a macro gcc and clang predefine: "
-                    f"linkfix_thunks.S and linkfix_asm.h go through the C preprocessor, "
-                    f"which would replace it")
-        if word.startswith("LINKFIX"):
-            return (f"body uses '{word}': LINKFIX* names are linkfix's macros (in "
-                    f"linkfix_asm.h, LINKFIX_<op> is another op's site)")
-    return None
-
-
 def load(path: str) -> Spec:
     """Read and validate the spec at `path`."""
     try:
@@ -329,7 +193,7 @@ def validate(data: dict[str, Any], path: str) -> Spec:
     arch = ARCHES[arch_name]
 
     backends = _backends(ck, head.get("backends"))
-    names_size = _backend_names_size(ck, backends)
+    names_size = crosscheck.backend_names_size(ck, backends)
     default = head.get("default_backend", backends[0])
     if not isinstance(default, str) or default not in backends:
         raise ck.fail(f"{default!r} is not one of the backends ({', '.join(backends)})",
@@ -349,10 +213,10 @@ def validate(data: dict[str, Any], path: str) -> Spec:
         _op(ck, arch, backends, name, body, index)
         for index, (name, body) in enumerate(ops_table.items())
     )
-    _check_call_targets(ck, ops, backends)
-    _check_declared_calls(ck, ops)
-    _check_generated_names(ck, arch, ops, backends)
-    _check_names_size(ck, ops, names_size)
+    crosscheck.call_targets(ck, ops, backends)
+    crosscheck.declared_calls(ck, ops)
+    crosscheck.generated_names(ck, arch, ops, backends)
+    crosscheck.names_size(ck, ops, names_size)
     return Spec(path=path, arch=arch, backends=backends, default_backend=default,
                 includes=tuple(includes), ops=ops)
 
@@ -371,7 +235,7 @@ def _backends(ck: _Checker, value: Any) -> tuple[str, ...]:
             raise ck.fail(f"backend name {b!r} is not a C identifier", fld=fld)
         # Backends reach C only pasted into longer names, but a C name is what they
         # look like (linkfix_backend_is(xen)): the same rules as for ops.
-        problem = _c_name_problem(b, macros=False)
+        problem = cnames.c_name_problem(b, macros=False)
         if problem:
             raise ck.fail(f"backend '{b}' {problem}", fld=fld)
         if b.lower() == "generic":
@@ -385,7 +249,7 @@ def _backends(ck: _Checker, value: Any) -> tuple[str, ...]:
 
 def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: Any,
         index: int) -> Op:
-    problem = _c_name_problem(name)
+    problem = cnames.c_name_problem(name)
     if problem:
         raise ck.fail(f"the op name {problem}", op=name)
     if not isinstance(table, dict):
@@ -418,7 +282,7 @@ def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: A
         if not isinstance(text, str):
             raise ck.fail("body must be a string of AT&T assembly", op=name,
                           fld=f"bodies.{b}")
-        problem = _body_text_problem(text)
+        problem = cnames.body_text_problem(text)
         if problem:
             raise ck.fail(problem, op=name, fld=f"bodies.{b}")
     if not bodies:
@@ -437,7 +301,7 @@ def _calls(ck: _Checker, arch: Arch, op: str, value: Any, bodies: dict[str, str]
     if not isinstance(value, dict):
         raise ck.fail("must be a table of function = \"<return type> (<parameters>)\"",
                       op=op, fld="calls")
-    called = {fn for text in bodies.values() for fn in _body_calls(text)[1]}
+    called = {fn for text in bodies.values() for fn in crosscheck.body_calls(text)[1]}
     out: dict[str, tuple[str | None, tuple[Arg, ...]]] = {}
     for fn, decl in value.items():
         where = f"calls.{fn}"
@@ -473,7 +337,7 @@ def _args(ck: _Checker, arch: Arch, op: str, value: Any, fld: str = "args"
         if not m or not m.group(1).strip():
             raise ck.fail(f"'{decl}' is not \"<C type> <name>\"", op=op, fld=fld)
         pname = m.group(2)
-        problem = _c_name_problem(pname)
+        problem = cnames.c_name_problem(pname)
         if problem:
             raise ck.fail(f"'{decl}': parameter name '{pname}' {problem}", op=op,
                           fld=fld)
@@ -542,15 +406,15 @@ def _check_type_tokens(bad: Callable[[str], BadInput], tokens: list[str]) -> Non
             continue
         if not IDENT.match(tok):
             raise bad(f"'{tok}' is not part of a C type")
-        if tok in _C_KEYWORDS and tok not in _TYPE_KEYWORDS:
+        if tok in cnames.C_KEYWORDS and tok not in cnames.TYPE_KEYWORDS:
             raise bad(f"'{tok}' is a C keyword that a spec type cannot use")
-        if tok not in _C_KEYWORDS and (_own(tok) or _predefined(tok)):
+        if tok not in cnames.C_KEYWORDS and (cnames.own(tok) or cnames.predefined(tok)):
             raise bad(f"'{tok}' cannot name a type: "
-                      + ("it is a macro gcc and clang predefine" if _predefined(tok) else
+                      + ("it is a macro gcc and clang predefine" if cnames.predefined(tok) else
                          "the name belongs to linkfix's generated code"))
         if tok in ("struct", "union", "enum"):
             tag = tokens[i + 1] if i + 1 < len(tokens) else "*"
-            if tag == "*" or tag in _C_KEYWORDS:
+            if tag == "*" or tag in cnames.C_KEYWORDS:
                 raise bad(f"malformed {tok} type ('{tok}' must be followed by a tag)")
     # One qualifier twice in one group (`const const int`): clang warns by default.
     group: list[str] = []
@@ -561,13 +425,6 @@ def _check_type_tokens(bad: Callable[[str], BadInput], tokens: list[str]) -> Non
             if tok in group:
                 raise bad(f"'{tok}' given twice")
             group.append(tok)
-
-
-def _type_names(ctype: str) -> list[str]:
-    """The typedef names a normalised type uses (`pte_t` in `const pte_t *`)."""
-    tokens = ctype.replace("*", " ").split()
-    return [t for i, t in enumerate(tokens) if t not in _C_KEYWORDS
-            and not (i and tokens[i - 1] in ("struct", "union", "enum"))]
 
 
 def _join_type(tokens: list[str]) -> str:
@@ -600,159 +457,3 @@ def _clobbers(ck: _Checker, arch: Arch, op: str, value: Any) -> tuple[str, ...]:
             raise ck.fail(f"'{reg}' listed twice", op=op, fld="clobbers")
         out.append(r)
     return tuple(out)
-
-
-_CALL_BODY = re.compile(r"\s*call[lq]?\s+([A-Za-z_.][A-Za-z0-9_.$]*)\s*;?\s*\Z")
-
-
-def whole_call_target(text: str) -> str | None:
-    """The function of a body that is exactly one direct call, else None."""
-    m = _CALL_BODY.match(text)
-    return m.group(1) if m else None
-
-
-def _body_calls(text: str) -> tuple[str | None, list[str]]:
-    """(the function of a whole-call body or None, the functions an inline body calls)."""
-    from linkfix.body import split_statements  # here: linkfix.body imports this module
-
-    whole = whole_call_target(text)
-    if whole is not None:
-        return whole, []
-    return None, [fn for st in split_statements(text) if (fn := whole_call_target(st))]
-
-
-def _op_type_names(op: Op) -> set[str]:
-    return {t for ctype in (op.returns or "", *(a.ctype for a in op.args))
-            for t in _type_names(ctype)}
-
-
-def _check_call_targets(ck: _Checker, ops: tuple[Op, ...], backends: tuple[str, ...]) -> None:
-    """Every callee must be a usable link symbol; a C function named by whole-call
-    bodies gets one prototype, so their signatures must agree."""
-    seen: dict[str, Op] = {}
-    op_names = {op.name for op in ops}
-    type_names = {t for op in ops for t in _op_type_names(op)}
-    for op in ops:
-        for b, text in op.bodies.items():
-            whole, inner = _body_calls(text)
-            for fn in [whole] if whole else inner:
-                problem = _callee_problem(fn)
-                if problem is None and fn in op_names:
-                    problem = "is an op (a site, not a function)"
-                if problem is None and fn in type_names:
-                    problem = "is a type name in the spec"
-                if problem:
-                    raise ck.fail(f"body calls '{fn}', which {problem}", op=op.name,
-                                  fld=f"bodies.{b}")
-            if whole is None:
-                continue
-            first = seen.setdefault(whole, op)
-            if first.signature_key() != op.signature_key():
-                raise ck.fail(
-                    f"'{whole}' is also the body of op '{first.name}' with a different "
-                    f"signature (its prototype would conflict)", op=op.name, fld=f"bodies.{b}")
-
-
-def _check_declared_calls(ck: _Checker, ops: tuple[Op, ...]) -> None:
-    """A function gets one prototype: a declared inner call must agree with every other
-    declaration of it and with its whole-call ops' signature."""
-    sig: dict[str, tuple[tuple[str | None, tuple[str, ...]], str]] = {}
-    for op in ops:
-        for text in op.bodies.values():
-            fn = whole_call_target(text)
-            if fn is not None:
-                sig.setdefault(fn, (op.signature_key(), f"the body of op '{op.name}'"))
-    for op in ops:
-        for fn, (ret, args) in op.calls.items():
-            mine = (ret, tuple(a.ctype for a in args))
-            first = sig.setdefault(fn, (mine, f"op '{op.name}'"))
-            if first[0] != mine:
-                raise ck.fail(f"'{fn}' is declared with another signature by {first[1]} (its "
-                              "prototype would conflict)", op=op.name, fld=f"calls.{fn}")
-
-
-def _check_generated_names(ck: _Checker, arch: Arch, ops: tuple[Op, ...],
-                           backends: tuple[str, ...]) -> None:
-    """Names linkfix builds from spec names must not meet: C names against the spec's
-    type names, GAS macros (case-insensitive) against each other and linkfix's
-    macros, and the thunk and body symbols, which join names with '_'."""
-    type_names = {t for op in ops for t in _op_type_names(op)}
-    own_macros = {*_OWN_MACROS, *(f"BACKEND_{b}" for b in backends),
-                  *(f"BACKEND_{b.upper()}" for b in backends)}
-    macro_of: dict[str, str] = {_GAS_HELPER: "LINKFIX__need, linkfix_asm.h's helper"}
-    for op in ops:
-        if op.name in type_names:
-            raise ck.fail("the op name is also a type name in the spec (the op's C function "
-                          "would redeclare it)", op=op.name)
-        if op.name in own_macros:
-            raise ck.fail(f"its GAS macro LINKFIX_{op.name} would be spelled like one of "
-                          f"linkfix's C macros", op=op.name)
-        branch = {f"BACKEND_IS_{b.upper()}" for b in backends}
-        if op.name.upper() in branch:
-            raise ck.fail(f"its constant LINKFIX_OP_{op.name.upper()} would be spelled like "
-                          "that of a branch pseudo-op backend_is(<backend>)", op=op.name)
-        mine = f"LINKFIX_{op.name}, the GAS macro of op '{op.name}'"
-        first = macro_of.setdefault(op.name.lower(), mine)
-        if first != mine:
-            raise ck.fail(f"its GAS macro LINKFIX_{op.name} is the same as {first} (GAS "
-                          f"macro names ignore case)", op=op.name)
-        for arg in op.args:
-            if arg.name in _op_type_names(op):
-                raise ck.fail(f"parameter '{arg.name}' is also a type name in this op's "
-                              f"signature (C would read the type as the parameter)",
-                              op=op.name, fld="args")
-    _check_symbols(ck, arch, ops)
-
-
-def _check_symbols(ck: _Checker, arch: Arch, ops: tuple[Op, ...]) -> None:
-    """The thunk and body symbols the whole spec generates must be distinct: op `f`
-    with backend `b_c` and op `f_b` with backend `c` both give `__lf_body_f_b_c`."""
-    from linkfix.body import saved_regs  # here: linkfix.body imports this module
-
-    # symbol -> (what it is, where it comes from); one thunk may serve several
-    # bodies of one op that call the same function.
-    owners: dict[str, tuple[tuple[str, ...], str]] = {}
-    for op in ops:
-        made: list[tuple[str, tuple[str, ...], str | None, str]] = [
-            (f"__lf_dispatch_{op.name}", ("dispatch", op.name), None,
-             f"op '{op.name}' (its dispatch thunk)")]
-        thunks = bool(saved_regs(arch, op))  # no registers to save: direct calls, no thunks
-        for b, text in op.bodies.items():
-            whole, inner = _body_calls(text)
-            where = f"op '{op.name}', backend '{b}'"
-            if whole is not None:
-                if thunks:
-                    made.append((f"__lf_thunk_{op.name}_{b}", ("thunk", op.name, whole), b,
-                                 where))
-                continue
-            made.append((f"__lf_body_{op.name}_{b}", ("body", op.name, b), b, where))
-            if thunks:
-                made += [(f"__lf_thunk_{op.name}_{fn}", ("thunk", op.name, fn), b,
-                          f"{where} (its call to '{fn}')") for fn in inner]
-        for sym, what, b, where in made:
-            first = owners.setdefault(sym, (what, where))
-            if first[0] != what:
-                raise ck.fail(f"generated symbol '{sym}' is also generated for {first[1]} "
-                              f"(linkfix joins op, backend and function names with '_'); "
-                              f"rename one", op=op.name,
-                              fld=f"bodies.{b}" if b is not None else None)
-
-
-def _backend_names_size(ck: _Checker, backends: tuple[str, ...]) -> int:
-    """Bytes the backends take in the image header's name table: each name and its
-    `backend_is(<b>)` pseudo-op, NUL-terminated. The table's size field is a u16."""
-    size = sum(len(b.encode()) + len(branch_op_name(b).encode()) + 2 for b in backends)
-    if size > NAMES_MAX:
-        raise ck.fail(f"backend names take {size} bytes in the image header's name table, "
-                      f"more than its 16-bit size allows ({NAMES_MAX})", fld="linkfix.backends")
-    return size
-
-
-def _check_names_size(ck: _Checker, ops: tuple[Op, ...], size: int) -> None:
-    """The op names join the backends' in the name table (`size` bytes so far)."""
-    for op in ops:
-        size += len(op.name.encode()) + 1
-        if size > NAMES_MAX:
-            raise ck.fail(f"with this op the names of backends and ops take {size} bytes in "
-                          f"the image header's name table, more than its 16-bit size allows "
-                          f"({NAMES_MAX})", op=op.name)
