@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import compress, islice
 from operator import itemgetter
 
-from linkfix import layout
+from linkfix import header, layout
 from linkfix.errors import BadInput
 from linkfix.image import Image, Segment
 
@@ -159,129 +159,10 @@ def _region(img: Image, section: str, start: str, end: str, required: bool,
     return Region(vaddr, off, size)
 
 
-def parse_meta(img: Image, region: Region) -> layout.Meta:
-    data = img.data[region.offset:region.offset + region.size]
-    path = img.path
-    if len(data) < layout.META_FIXED.size:
-        raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes, too short for a header")
-    (magic, version, machine, n_ops, n_backends, rec_size, names_size, spec_hash,
-     target, patched, reserved) = layout.META_FIXED.unpack_from(data)
-    if magic != layout.MAGIC:
-        raise BadInput(path, f"{layout.META_SECTION}: bad magic {magic!r}")
-    if version != layout.VERSION:
-        raise BadInput(path, f"{layout.META_SECTION}: table version {version}, this linkfix "
-                             f"reads version {layout.VERSION}")
-    if machine != img.machine:
-        raise BadInput(path, f"{layout.META_SECTION}: tables generated for e_machine {machine}, "
-                             f"image is e_machine {img.machine}")
-    if n_backends < 1 or n_ops < n_backends:
-        raise BadInput(path, f"{layout.META_SECTION}: n_ops {n_ops} / n_backends {n_backends} "
-                             "inconsistent")
-    if rec_size != layout.site_rec_size(n_backends):
-        raise BadInput(path, f"{layout.META_SECTION}: site_rec_size {rec_size}, expected "
-                             f"{layout.site_rec_size(n_backends)} for {n_backends} backends")
-    names_at = layout.META_STATE_OFFSET + n_ops
-    if names_at + names_size > len(data):
-        raise BadInput(path, f"{layout.META_SECTION}: name table runs past the header")
-    blob = data[names_at:names_at + names_size]
-    if not blob.endswith(b"\0"):
-        raise BadInput(path, f"{layout.META_SECTION}: name table not NUL-terminated")
-    try:
-        names = [n.decode() for n in blob[:-1].split(b"\0")]
-    except UnicodeDecodeError:
-        raise BadInput(path, f"{layout.META_SECTION}: name table is not UTF-8") from None
-    if len(names) != n_backends + n_ops:
-        raise BadInput(path, f"{layout.META_SECTION}: {len(names)} names, expected "
-                             f"{n_backends + n_ops}")
-    backends, ops = tuple(names[:n_backends]), tuple(names[n_backends:])
-    # Backends and real ops are C identifiers (docs/SPEC.md); anything else is corruption.
-    bad = next((n for n in (*backends, *ops[:n_ops - n_backends]) if not _IDENT.fullmatch(n)),
-               None)
-    if bad is not None:
-        raise BadInput(path, f"{layout.META_SECTION}: name {bad!r} is not a C identifier")
-    if len(set(backends)) != n_backends or "generic" in backends or "" in backends:
-        raise BadInput(path, f"{layout.META_SECTION}: bad backend names {list(backends)}")
-    if len(set(ops)) != n_ops or "" in ops:
-        raise BadInput(path, f"{layout.META_SECTION}: duplicate or empty op names")
-    branch = tuple(layout.branch_op_name(b) for b in backends)
-    if ops[n_ops - n_backends:] != branch:
-        raise BadInput(path, f"{layout.META_SECTION}: the last {n_backends} ops must be "
-                             f"{', '.join(branch)}")
-    head = names_at + names_size
-    head += -head % 4
-    bounds, digests, end = _parse_tail(path, region, data, head, n_ops, n_backends + 1)
-    if len(data) >= end + 8:
-        raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes where one header takes "
-                             f"{end}: more than one linkfix header linked into the image?")
-    op_state = tuple(data[layout.META_STATE_OFFSET:names_at])
-    if target > n_backends or patched > 1 or reserved or any(s > n_backends for s in op_state):
-        raise BadInput(path, f"{layout.META_SECTION}: corrupt state record "
-                             f"(target {target}, patched {patched}, op_state {list(op_state)})")
-    return layout.Meta(machine=machine, backends=backends, ops=ops, spec_hash=spec_hash,
-                       target=target, patched=patched, op_state=op_state, digests=digests,
-                       bounds=bounds)
-
-
-def region_machine(data: bytes) -> int:
-    """The e_machine the header was generated for (validated by the caller)."""
-    return struct.unpack_from("<H", data, 10)[0]
-
-
-def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_alts: int
-                ) -> tuple[tuple[int, int, int, int], tuple[tuple[layout.BodyDigest, ...], ...],
-                           int]:
-    """The table bounds and the digest table after the names; returns them and the end."""
-    sec = layout.META_SECTION
-    table_at = at + layout.BOUNDS.size
-    fields_at = table_at + layout.DIGEST.size * n_ops * n_alts
-    if fields_at > len(data):
-        raise BadInput(path, f"{sec}: {len(data)} bytes, too short for the bounds and digest "
-                             f"table of {n_ops} ops")
-    rel = layout.BOUNDS.unpack_from(data, at)
-    bounds = tuple(region.vaddr + at + 4 * j + v for j, v in enumerate(rel))
-    entries = list(layout.DIGEST.iter_unpack(data[table_at:fields_at]))
-    n_fields = max((first + n for _c, _l, n, first in entries if n), default=0)
-    end = fields_at + 2 * n_fields
-    if end > len(data):
-        raise BadInput(path, f"{sec}: digest field lists run past the header")
-    pairs = data[fields_at:end]
-    end += -end % 4
-    # The recorded targets follow, one self-relative word per recorded field.
-    recorded = [j for j in range(n_fields) if not pairs[2 * j + 1] & layout.FIELD_UNRECORDED]
-    word = 8 if region_machine(data) == 62 else 4
-    if end + word * len(recorded) > len(data):
-        raise BadInput(path, f"{sec}: recorded field targets run past the header")
-    fmt = "<q" if word == 8 else "<i"
-    mask = (1 << (8 * word)) - 1
-    targets: dict[int, int] = {}
-    for n, j in enumerate(recorded):
-        at = end + word * n
-        (value,) = struct.unpack_from(fmt, data, at)
-        targets[j] = (region.vaddr + at + value) & mask
-    end += word * len(recorded)
-    rows = []
-    for op in range(n_ops):
-        row = []
-        for crc, length, n, first in entries[op * n_alts:(op + 1) * n_alts]:
-            fields, links = [], []
-            for j in range(first, first + n):
-                pos, size_flags = pairs[2 * j], pairs[2 * j + 1]
-                size = size_flags & 0x3F
-                if size not in (1, 2, 4, 8) or pos + size > length or size_flags & 0x30:
-                    raise BadInput(path, f"{sec}: digest of op {op} has a field outside "
-                                         "its body")
-                fields.append((pos, size))
-                links.append(layout.Link(bool(size_flags & layout.FIELD_PCREL),
-                                         target=targets.get(j)))
-            row.append(layout.BodyDigest(crc, length, tuple(fields), tuple(links)))
-        rows.append(tuple(row))
-    return bounds, tuple(rows), end  # type: ignore[return-value]
-
-
 def load(img: Image) -> Tables:
     meta_r = _region(img, layout.META_SECTION, META_START, META_END, True)
     assert meta_r is not None
-    meta = parse_meta(img, meta_r)
+    meta = header.parse_meta(img, meta_r)
     b = meta.bounds
     assert b is not None
     sites_r = _region(img, layout.SITES_SECTION, SITES_START, SITES_END, True, (b[0], b[1]))
