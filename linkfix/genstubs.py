@@ -14,7 +14,7 @@ import os
 import sys
 
 from linkfix import body as bodymod
-from linkfix import bodycheck, render, report
+from linkfix import bodycheck, opmodel, render, report
 from linkfix.errors import BadInput
 from linkfix.fileio import write_all_if_changed
 from linkfix.measure import MeasureError, measure
@@ -26,7 +26,7 @@ def call_targets(body: bodymod.Body) -> set[str]:
     return {st.split()[1] for st in body.statements if st.startswith("call ")}
 
 
-def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, bytes]]:
+def generate(spec_path: str) -> tuple[Spec, list[opmodel.OpModel], dict[str, bytes]]:
     """Validate, measure and check the spec; return the rendered files."""
     spec = load(spec_path)
     arch = spec.arch
@@ -48,7 +48,7 @@ def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, byte
         raise BadInput(spec_path, f"op '{op_name}': backend '{backend}': body does not "
                                   f"assemble for {arch.name}: {exc.message}") from None
 
-    models: list[render.OpModel] = []
+    models: list[opmodel.OpModel] = []
     for op in spec.ops:
         allowed = set(bodymod.site_clobbers(arch, op))
         fields: dict[str, bodycheck.Checked] = {}
@@ -59,7 +59,7 @@ def generate(spec_path: str) -> tuple[Spec, list[render.OpModel], dict[str, byte
                                                   call_targets(body))
             except bodycheck.BodyCheckError as exc:
                 raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': {exc}") from None
-        models.append(render.build_op(
+        models.append(opmodel.build_op(
             spec, op, parsed[op.name],
             {b: measured[(op.name, b)] for b in parsed[op.name]}, fields))
     return spec, models, render.render_all(spec, models)

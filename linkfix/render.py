@@ -1,31 +1,22 @@
 """Render the generated files from a validated, measured spec.
 
 All decisions (site length, padding bytes, registers to save, which symbol
-each ops-table entry names, the exact site assembly) are made here in Python;
-the jinja2 templates in `templates/` only lay the results out.
+each ops-table entry names, the exact site assembly) are made in Python: each
+op's model in opmodel.py, a site's assembler text in sitetext.py. This module
+builds the template context; the jinja2 templates in `templates/` only lay the
+results out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from linkfix import layout
-from linkfix.body import (
-    KIND_CALL,
-    KIND_EMPTY,
-    KIND_INLINE,
-    Body,
-    is_label,
-    rename_labels,
-    saved_regs,
-    site_clobbers,
-)
-from linkfix.bodycheck import Checked
-from linkfix.measure import Measured
-from linkfix.padding import pad
+from linkfix.body import KIND_CALL, KIND_INLINE, is_label, rename_labels
+from linkfix.opmodel import CALL_FIELD, OpModel, body_fn_name, dispatch_name
+from linkfix.sitetext import branch_site_lines, c_asm_escape, c_string, op_site_lines
 from linkfix.spec import IDENT, Op, Spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -34,234 +25,6 @@ FORMAT_VERSION = layout.VERSION
 
 OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix.lds",
            "linkfix.json")
-
-
-@dataclass(frozen=True)
-class Alt:
-    """Alternative k of a site record."""
-
-    k: int  # 0 generic, b = backend b
-    name: str  # "generic" or the backend
-    kind: str  # generic | inline | call | empty | jmp | none
-    statements: tuple[str, ...]  # its code in .linkfix.repl
-    flags: int
-    guard: str  # "if" (constant length), "org" (contains relaxable branches) or ""
-
-    @property
-    def present(self) -> bool:
-        return bool(self.flags & layout.FLAG_PRESENT)
-
-
-@dataclass(frozen=True)
-class Thunk:
-    name: str
-    callee: str
-
-
-@dataclass(frozen=True)
-class OpModel:
-    op: Op
-    site_len: int
-    pad: bytes
-    clobbers: tuple[str, ...]  # every register the site may change
-    saved: tuple[str, ...]  # caller-saved registers the thunks preserve
-    alts: tuple[Alt, ...]
-    bodies: dict[str, Body]
-    measured: dict[str, Measured]
-    thunks: tuple[Thunk, ...]
-    table: dict[str, str]  # backend -> symbol in the ops table
-    digests: tuple[layout.BodyDigest, ...]  # per alternative k, for the image header
-
-
-def dispatch_name(op: str) -> str:
-    return f"__lf_dispatch_{op}"
-
-
-def body_fn_name(op: str, backend: str) -> str:
-    return f"__lf_body_{op}_{backend}"
-
-
-_CALL_FIELD = ((1, 4),)  # the rel32 of a 5-byte call or jmp
-
-
-def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Measured],
-             checked: dict[str, Checked]) -> OpModel:
-    """`checked`: per backend, its body's relocated fields and where the link points them."""
-    lengths = [measured[b].length for b in bodies]
-    site_len = max(5, *lengths) if lengths else 5
-    alts = [Alt(0, "generic", "generic", (f"call {dispatch_name(op.name)}",),
-                layout.FLAG_PRESENT | layout.FLAG_CALL, "")]
-    thunks: dict[str, Thunk] = {}
-    saved = saved_regs(spec.arch, op)
-    for k, backend in enumerate(spec.backends, start=1):
-        body = bodies.get(backend)
-        if body is None:
-            alts.append(Alt(k, backend, "none", (), 0, ""))
-            continue
-        flags = layout.FLAG_PRESENT
-        if body.kind == KIND_CALL:
-            flags |= layout.FLAG_CALL
-            if saved:
-                assert body.callee is not None
-                name = body.statements[0].split()[1]
-                thunks.setdefault(name, Thunk(name, body.callee))
-        if body.kind == KIND_INLINE and saved:
-            for sym in body.inner_calls:
-                name = f"__lf_thunk_{op.name}_{sym}"
-                thunks.setdefault(name, Thunk(name, sym))
-        guard = ""
-        if body.kind != KIND_EMPTY and measured[backend].length > 0:
-            guard = "org" if body.has_branches else "if"
-        alts.append(Alt(k, backend, body.kind, body.statements, flags, guard))
-
-    table: dict[str, str] = {}
-    for backend in spec.backends:
-        src = backend if backend in bodies else _fallback(spec, bodies)
-        body = bodies[src]
-        table[backend] = body.callee if body.kind == KIND_CALL and body.callee else \
-            body_fn_name(op.name, src)
-    digests = [layout.body_digest(b"\xe8" + bytes(4), _CALL_FIELD,
-                                  (layout.Link(True, expr=f"{dispatch_name(op.name)}-4"),))]
-    for backend in spec.backends:
-        if backend not in bodies:
-            digests.append(layout.ABSENT)
-        else:
-            c = checked[backend]
-            digests.append(layout.body_digest(measured[backend].code, c.masked, c.links))
-    return OpModel(op=op, site_len=site_len, pad=pad(site_len - 5),
-                   clobbers=site_clobbers(spec.arch, op), saved=saved, alts=tuple(alts),
-                   bodies=bodies, measured=measured, thunks=tuple(thunks.values()), table=table,
-                   digests=tuple(digests))
-
-
-def _fallback(spec: Spec, bodies: dict[str, Body]) -> str:
-    """The body an ops table uses for a backend without one: the default backend's, else
-    the first backend (spec order) that has one."""
-    if spec.default_backend in bodies:
-        return spec.default_backend
-    return next(b for b in spec.backends if b in bodies)
-
-
-# ------------------------------------------------------------------ site assembly
-
-
-def _byte_list(data: bytes) -> str:
-    return ",".join(f"0x{b:02x}" for b in data)
-
-
-def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
-    """The site, its alternatives and its record, as assembler lines.
-
-    `uid` makes labels unique per use (`%=` in C asm, `\\@` in a GAS macro);
-    `esc` escapes body text for the consumer (`%` -> `%%` in C asm).
-
-    Length guards are `.org` assertions, which GNU as and clang's integrated
-    assembler both check after layout (clang cannot evaluate a label difference
-    in an inline-asm `.if`); GNU as also gets a readable `.error`.
-    """
-
-    def org_assert(here: str, cond: str) -> str:
-        # `.org here` is the current location (no bytes) while `cond` is false; one
-        # byte back (an error in both assemblers) when it is true. A true comparison
-        # is -1 in GNU as and LLVM alike; squared, the step is -1 whatever its sign,
-        # so a wrong length can never become a byte of padding.
-        return f"\t.org {here} - (({cond}) * ({cond}))"
-
-    def gas_error(cond: str, message: str) -> list[str]:
-        # `.gasversion.` is GNU as's predefined symbol: clang skips the block (a
-        # skipped `.if` is not evaluated) and relies on the `.org` next to it.
-        return ["\t.ifdef .gasversion.", f"\t.if {cond}", f'\t.error "{message}"',
-                "\t.endif", "\t.endif"]
-
-    op = m.op.name
-    s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
-    lines = [f"{s}:", f"\tcall {dispatch_name(op)}"]
-    if m.pad:
-        lines.append(f"\t.byte {_byte_list(m.pad)}")
-    wrong_size = f"({e} - {s}) != {m.site_len}"
-    lines += [f"{e}:",
-              *gas_error(wrong_size, f"linkfix: site of op {op} is not {m.site_len} bytes"),
-              org_assert(e, wrong_size),
-              '\t.pushsection .linkfix.repl,"a"']
-    for alt in m.alts:
-        if not alt.present:
-            continue
-        r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
-        lines.append(f"{r}:")
-        # Escape the body first: the label names carry `uid` (`%=`), which must not be.
-        code = rename_labels([esc(st) for st in alt.statements],
-                             lambda n, k=alt.k: f".Llf_l{k}_{n}_{uid}")
-        lines += [st if is_label(st) else f"\t{st}" for st in code]
-        lines.append(f"{q}:")
-        too_long = f"({q} - {r}) > {m.site_len}"
-        if alt.guard == "if":
-            lines += gas_error(too_long,
-                               f"linkfix: op {op} backend {alt.name} body longer than its site")
-        if alt.guard:
-            # A body with branches ("org") has no length GNU as knows at `.if` time:
-            # only the `.org`, checked once the branches are relaxed, covers it.
-            lines.append(org_assert(q, too_long))
-    lines.append("\t.popsection")
-    lines += _record_lines(uid, m.op.index, m.site_len, layout.KIND_OP, m.alts)
-    return lines
-
-
-def branch_site_lines(spec: Spec, b: int) -> list[str]:
-    """A `linkfix_backend_is(<backend b>)` site for C asm goto (labels yes / generic)."""
-    uid = "%="
-    s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
-    alts = [Alt(0, "generic", "jmp", (), layout.FLAG_PRESENT | layout.FLAG_JMP, "")]
-    for k, name in enumerate(spec.backends, start=1):
-        flags = layout.FLAG_PRESENT | (layout.FLAG_JMP if k == b else 0)
-        alts.append(Alt(k, name, "jmp" if k == b else "empty", (), flags, ""))
-    lines = [
-        f"{s}:",
-        # Force rel32: GAS would relax a `jmp` to a near label to 2 bytes.
-        "\t.byte 0xe9",
-        f"\t.long %l[__lf_generic] - {e}",
-        f"{e}:",
-        '\t.pushsection .linkfix.repl,"a"',
-    ]
-    for alt in alts:
-        r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
-        lines.append(f"{r}:")
-        if alt.kind == "jmp":
-            target = "__lf_generic" if alt.k == 0 else "__lf_yes"
-            lines += ["\t.byte 0xe9", f"\t.long %l[{target}] - {q}"]
-        lines.append(f"{q}:")
-    lines.append("\t.popsection")
-    op_index = len(spec.ops) + b - 1
-    lines += _record_lines(uid, op_index, 5, layout.KIND_BRANCH, tuple(alts))
-    return lines
-
-
-def _record_lines(uid: str, op_index: int, site_len: int, kind: int,
-                  alts: tuple[Alt, ...] | list[Alt]) -> list[str]:
-    lines = [
-        '\t.pushsection .linkfix.sites,"a"',
-        "\t.balign 4",
-        f"\t.long .Llf_s_{uid} - .",
-        f"\t.short {op_index}",
-        f"\t.byte {site_len}, {kind}",
-    ]
-    for alt in alts:
-        if alt.present:
-            r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
-            lines += [f"\t.long {r} - .", f"\t.byte {q} - {r}, {alt.flags}", "\t.short 0"]
-        else:
-            lines += ["\t.long 0", "\t.byte 0, 0", "\t.short 0"]
-    lines.append("\t.popsection")
-    return lines
-
-
-def c_asm_escape(text: str) -> str:
-    return text.replace("%", "%%")
-
-
-def c_string(line: str) -> str:
-    """One assembler line as a C string literal, newline included."""
-    body = line.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
-    return f'"{body}\\n"'
 
 
 # ------------------------------------------------------------------ C functions
@@ -426,7 +189,7 @@ def meta(spec: Spec, models: list[OpModel]) -> layout.Meta:
     """The image header: names, and what every alternative of every op assembled to."""
     ops = tuple(op.name for op in spec.ops) + tuple(
         layout.branch_op_name(b) for b in spec.backends)
-    jmp = layout.body_digest(b"\xe9" + bytes(4), _CALL_FIELD)
+    jmp = layout.body_digest(b"\xe9" + bytes(4), CALL_FIELD)
     empty = layout.body_digest(b"", ())
     digests = [m.digests for m in models]
     for b in range(1, len(spec.backends) + 1):

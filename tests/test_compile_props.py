@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from linkfix import cli, render
+from linkfix import cli, opmodel, sitetext
 from linkfix.arch import ARCHES
 from linkfix.genstubs import generate
 
@@ -230,23 +230,23 @@ lguest = "movl $0, zz_var(%rip); test %rdi, %rdi; jz 1f; call zz_fn; 1:"
 """
 
 
-def _model(tmp_path: Path) -> render.OpModel:
+def _model(tmp_path: Path) -> opmodel.OpModel:
     spec = tmp_path / "g.toml"
     spec.write_text(GUARD_SPEC)
     return generate(str(spec))[1][0]
 
 
-def _assemble(m: render.OpModel, work: Path, cc: str,
+def _assemble(m: opmodel.OpModel, work: Path, cc: str,
               inline: bool) -> subprocess.CompletedProcess[str]:
     """The site of `m` as inline asm in C (`%=` labels) or as a .s file (`1`)."""
     if inline:
-        lines = render.op_site_lines(m, "%=", render.c_asm_escape)
-        asm = "\n".join(f"\t\t{render.c_string(line)}" for line in lines)
+        lines = sitetext.op_site_lines(m, "%=", sitetext.c_asm_escape)
+        asm = "\n".join(f"\t\t{sitetext.c_string(line)}" for line in lines)
         (work / "g.c").write_text(f'void g(void)\n{{\n\t__asm__ __volatile__(\n{asm}\n'
                                   f'\t\t: : : "memory");\n}}\n')
         src = "g.c"
     else:
-        (work / "g.s").write_text("\n".join(render.op_site_lines(m, "1", lambda s: s)) + "\n")
+        (work / "g.s").write_text("\n".join(sitetext.op_site_lines(m, "1", lambda s: s)) + "\n")
         src = "g.s"
     return subprocess.run([cc, "-c", "-O2", src, "-o", "g.o"], cwd=work, capture_output=True,
                           text=True)

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from linkfix import layout, measure, render
+from linkfix import layout, measure, opmodel, sitetext
 from linkfix.arch import I386, X86_64
 from linkfix.genstubs import generate
 from linkfix.padding import pad
@@ -614,7 +614,7 @@ def test_keystone_hang_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [s for s, _ in res] == ["ok", "timeout", "ok"]
 
 
-def _shrunk_model(spec_text: str, tmp_path: Path) -> tuple[render.OpModel, object]:
+def _shrunk_model(spec_text: str, tmp_path: Path) -> tuple[opmodel.OpModel, object]:
     spec = tmp_path / "s.toml"
     spec.write_text(spec_text)
     parsed, models, _ = generate(str(spec))
@@ -633,7 +633,7 @@ def test_assembler_guards_catch_a_body_longer_than_its_site(body: str, message: 
     text = ('[linkfix]\narch = "x86_64"\nbackends = ["native"]\n[ops.f]\n'
             f'args = ["long x"]\n[ops.f.bodies]\nnative = "{body}"\n')
     m, spec = _shrunk_model(text, tmp_path)
-    lines = render.op_site_lines(m, "1", lambda s: s)
+    lines = sitetext.op_site_lines(m, "1", lambda s: s)
     (tmp_path / "g.s").write_text("\n".join(lines) + "\n")
     proc = run(["as", "--64", "g.s", "-o", "g.o"], cwd=tmp_path, check=False)
     assert proc.returncode != 0
@@ -641,7 +641,7 @@ def test_assembler_guards_catch_a_body_longer_than_its_site(body: str, message: 
     # and the real site length assembles
     spec_path = tmp_path / "s.toml"
     good = generate(str(spec_path))[1][0]
-    (tmp_path / "g.s").write_text("\n".join(render.op_site_lines(good, "1", lambda s: s)) + "\n")
+    (tmp_path / "g.s").write_text("\n".join(sitetext.op_site_lines(good, "1", lambda s: s)) + "\n")
     run(["as", "--64", "g.s", "-o", "g.o"], cwd=tmp_path)
 
 
@@ -687,7 +687,7 @@ def test_random_specs_render_deterministically(text: str, tmp_path: Path) -> Non
         assert len(m.pad) == m.site_len - 5
         # the site's assembly carries exactly that padding
         assert any(line == f"\t.byte {','.join(f'0x{x:02x}' for x in m.pad)}"
-                   for line in render.op_site_lines(m, "1", lambda s: s)) == bool(m.pad)
+                   for line in sitetext.op_site_lines(m, "1", lambda s: s)) == bool(m.pad)
 
 
 @given(n=st.integers(0, 300))
