@@ -14,7 +14,7 @@ import sys
 from linkfix import image, layout, recognise, relocs, report, selection, tables
 from linkfix.errors import BadInput
 from linkfix.fileio import write_patched_copy
-from linkfix.splice import NotRecognised, Splicer
+from linkfix.splice import Splicer
 
 
 def op_state(t: tables.Tables, chk: tables.Checked, per_op: tuple[int, ...],
@@ -52,7 +52,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
         # (checked in the same pass; a refusal discards the copy).
         try:
             eff = sp.apply(out, sel.per_op, current=now.per_op)
-        except NotRecognised as e:
+        except recognise.NotRecognised as e:
             raise recognise.refusal(t, sp, e, "state record") from None
         result["relocs"] = relocs.update(sp, eff, out)
         state = op_state(t, chk, sel.per_op, eff)

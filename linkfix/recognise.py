@@ -4,18 +4,97 @@
 every site must hold exactly the bytes of the alternative the state record
 names (what `verify` computes). A site aimed at the middle of a function, or
 changed since the last patch, is refused, never overwritten.
+
+`Splicer.apply` checks that in the same pass as its writes: `expectation`
+turns the plan of what a site should hold into what the write loop compares,
+and `check_group` checks the shapes the loop cannot, site by site, first.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from linkfix.errors import BadInput
-from linkfix.splice import NotRecognised, Splicer
+from linkfix.shapeplan import EMPTY, I32, REL32, SAME_FIELD, SAME_TARGET, STATIC, starts_with
 from linkfix.tables import Checked, Tables
 
+if TYPE_CHECKING:
+    from linkfix.splice import Splicer
+
 _CHUNK = 1 << 24
+# How apply recognises what a site holds before it writes (see expectation).
+CHECK_NONE, CHECK_FIN, CHECK_TARGET, CHECK_SLOW = range(4)
+NO_CHECK = (CHECK_NONE, b"", 0, b"", 0, 0, 0)
+
+
+class NotRecognised(Exception):
+    """Site `i` does not hold the bytes of alternative `k`, which its state record names."""
+
+    def __init__(self, i: int, k: int) -> None:
+        super().__init__(i, k)
+        self.i = i
+        self.k = k
+
+
+def expectation(cur: tuple) -> tuple:
+    """From the plan of what a site should hold now: how to check it in the write loop.
+
+    (CHECK_FIN, bytes, ...): the site is exactly those bytes; (CHECK_TARGET, head,
+    target, tail, pos, end, k): fixed bytes around a rel32 field reaching one place
+    for every site; (CHECK_SLOW, ...): checked site by site before the loop.
+    """
+    mode, k, _blist, bdelta, _L, fin, _x, _y, z = cur
+    if mode in (EMPTY, STATIC) and (mode == EMPTY or bdelta is not None):
+        return (CHECK_FIN, fin, 0, b"", 0, 0, k)
+    if mode == REL32 and z[1] == SAME_TARGET:
+        pos = z[0]
+        return (CHECK_TARGET, fin[:pos], z[2], fin[pos + 4:], pos, pos + 4, k)
+    return (CHECK_SLOW, b"", 0, b"", 0, 0, k)
+
+
+def check_group(sp: Splicer, p: tuple, idxs: list[int]) -> int | None:
+    """The first of `idxs` whose site does not hold what plan `p` writes, or None."""
+    src = sp.img.data
+    starts = starts_with(src)
+    sites = sp.chk.site_addrs
+    seg = sp.chk.exec_seg
+    unpack_i32 = I32.unpack_from
+    mode, k, blist, bdelta, L, fin, x, y, z = p
+    if seg is None or bdelta is None or mode not in (EMPTY, STATIC, REL32):
+        offset_of = sp.img.offset_of
+        return next((i for i in idxs if src[(so := offset_of(sites[i], L)):so + L]
+                     != sp.site_bytes(i, k)), None)
+    sdelta = seg.vaddr - seg.offset
+    if mode == EMPTY or mode == STATIC:
+        for i in idxs:
+            so = sites[i] - sdelta
+            if not starts(fin, so):
+                return i
+            if mode == STATIC:
+                bo = blist[i] - bdelta
+                if not starts(x, bo) and sp.site_bytes(i, k) != fin:
+                    return i
+        return None
+    pos, how, lo, hi = z
+    end = pos + 4
+    head, tail = fin[:pos], fin[end:]
+    for i in idxs:
+        s = sites[i]
+        b = blist[i]
+        so, bo = s - sdelta, b - bdelta
+        field = unpack_i32(src, bo + pos)[0]
+        got = field + b
+        if starts(x, bo) and starts(y, bo + end) \
+                and (got == lo if how == SAME_TARGET else
+                     field == lo if how == SAME_FIELD else lo <= got < hi):
+            if not starts(head, so) or not starts(tail, so + end) \
+                    or unpack_i32(src, so + pos)[0] + s != got:
+                return i
+        elif src[so:so + L] != sp.site_bytes(i, k):
+            return i
+    return None
 
 
 def _offsets(sp: Splicer) -> Iterator[tuple[int, int, int]]:

@@ -13,7 +13,8 @@ import sys
 
 from linkfix import image, recognise, report, selection, tables
 from linkfix.errors import VerifyMismatch
-from linkfix.splice import Splicer, effective
+from linkfix.shapeplan import effective
+from linkfix.splice import Splicer
 
 
 def run(args) -> int:  # noqa: ANN001 - argparse namespace
