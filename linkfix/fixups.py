@@ -60,7 +60,7 @@ _CS: dict[int, object] = {}
 _CACHE: dict[tuple[int, bytes], Code] = {}
 
 
-def _disassembler(bits: int):  # noqa: ANN202 - capstone's type, imported lazily
+def disassembler(bits: int):  # noqa: ANN202 - capstone's type, imported lazily
     cs = _CS.get(bits)
     if cs is None:
         import capstone
@@ -85,7 +85,7 @@ def _analyze(body: bytes, bits: int) -> Code:
     from capstone import CS_GRP_BRANCH_RELATIVE
     from capstone.x86 import X86_OP_MEM, X86_REG_RIP
 
-    cs = _disassembler(bits)
+    cs = disassembler(bits)
     insns = []
     pos = 0
     for ins in cs.disasm(body, 0):  # type: ignore[attr-defined]
@@ -248,7 +248,7 @@ def size_format(size: int) -> str:
 
 def disassemble(body: bytes, bits: int, address: int) -> list[str]:
     """Human-readable listing of `body` at `address` (for inspect)."""
-    cs = _disassembler(bits)
+    cs = disassembler(bits)
     out = []
     pos = 0
     for ins in cs.disasm(body, address):  # type: ignore[attr-defined]

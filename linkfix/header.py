@@ -36,9 +36,9 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
     if n_backends < 1 or n_ops < n_backends:
         raise BadInput(path, f"{layout.META_SECTION}: n_ops {n_ops} / n_backends {n_backends} "
                              "inconsistent")
-    if rec_size != layout.site_rec_size(n_backends):
+    if rec_size != layout.SITE_REC_SIZE:
         raise BadInput(path, f"{layout.META_SECTION}: site_rec_size {rec_size}, expected "
-                             f"{layout.site_rec_size(n_backends)} for {n_backends} backends")
+                             f"{layout.SITE_REC_SIZE}")
     names_at = layout.META_STATE_OFFSET + n_ops
     if names_at + names_size > len(data):
         raise BadInput(path, f"{layout.META_SECTION}: name table runs past the header")
@@ -68,7 +68,7 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
                              f"{', '.join(branch)}")
     head = names_at + names_size
     head += -head % 4
-    bounds, digests, end = _parse_tail(path, region, data, head, n_ops, n_backends + 1)
+    bounds, alts, end = _parse_tail(path, region, data, head, n_ops, n_backends + 1)
     if len(data) >= end + 8:
         raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes where one header takes "
                              f"{end}: more than one linkfix header linked into the image?")
@@ -77,7 +77,7 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
         raise BadInput(path, f"{layout.META_SECTION}: corrupt state record "
                              f"(target {target}, patched {patched}, op_state {list(op_state)})")
     return layout.Meta(machine=machine, backends=backends, ops=ops, spec_hash=spec_hash,
-                       target=target, patched=patched, op_state=op_state, digests=digests,
+                       target=target, patched=patched, op_state=op_state, alts=alts,
                        bounds=bounds)
 
 
@@ -87,22 +87,22 @@ def region_machine(data: bytes) -> int:
 
 
 def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_alts: int
-                ) -> tuple[tuple[int, int, int, int], tuple[tuple[layout.BodyDigest, ...], ...],
-                           int]:
-    """The table bounds and the digest table after the names; returns them and the end."""
+                ) -> tuple[tuple[int, ...], tuple[tuple[layout.AltEntry, ...], ...], int]:
+    """The table bounds and the body table after the names; returns them and the end."""
     sec = layout.META_SECTION
     table_at = at + layout.BOUNDS.size
-    fields_at = table_at + layout.DIGEST.size * n_ops * n_alts
+    fields_at = table_at + layout.BODY.size * n_ops * n_alts
     if fields_at > len(data):
-        raise BadInput(path, f"{sec}: {len(data)} bytes, too short for the bounds and digest "
+        raise BadInput(path, f"{sec}: {len(data)} bytes, too short for the bounds and body "
                              f"table of {n_ops} ops")
     rel = layout.BOUNDS.unpack_from(data, at)
     bounds = tuple(region.vaddr + at + 4 * j + v for j, v in enumerate(rel))
-    entries = list(layout.DIGEST.iter_unpack(data[table_at:fields_at]))
-    n_fields = max((first + n for _c, _l, n, first in entries if n), default=0)
+    entries = list(layout.BODY.iter_unpack(data[table_at:fields_at]))
+    n_fields = max((first + n for _b, _c, _l, _f, n, _r, first, _r2 in entries if n),
+                   default=0)
     end = fields_at + 2 * n_fields
     if end > len(data):
-        raise BadInput(path, f"{sec}: digest field lists run past the header")
+        raise BadInput(path, f"{sec}: body field lists run past the header")
     pairs = data[fields_at:end]
     end += -end % 4
     # The recorded targets follow, one self-relative word per recorded field.
@@ -114,24 +114,34 @@ def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_a
     mask = (1 << (8 * word)) - 1
     targets: dict[int, int] = {}
     for n, j in enumerate(recorded):
-        at = end + word * n
-        (value,) = struct.unpack_from(fmt, data, at)
-        targets[j] = (region.vaddr + at + value) & mask
+        where = end + word * n
+        (value,) = struct.unpack_from(fmt, data, where)
+        targets[j] = (region.vaddr + where + value) & mask
     end += word * len(recorded)
     rows = []
     for op in range(n_ops):
         row = []
-        for crc, length, n, first in entries[op * n_alts:(op + 1) * n_alts]:
+        for k in range(n_alts):
+            j0 = op * n_alts + k
+            body, crc, length, flags, n, r1, first, r2 = entries[j0]
+            where = f"{sec}: op {op} alternative {k}"
+            if flags & ~layout.FLAGS_KNOWN or r1 or r2:
+                raise BadInput(path, f"{where}: bad flags {flags:#x} or reserved bytes set")
+            if not flags & layout.FLAG_PRESENT and (flags or length or n or body or crc):
+                raise BadInput(path, f"{where}: absent, but its entry is not empty")
             fields, links = [], []
             for j in range(first, first + n):
                 pos, size_flags = pairs[2 * j], pairs[2 * j + 1]
                 size = size_flags & 0x3F
                 if size not in (1, 2, 4, 8) or pos + size > length or size_flags & 0x30:
-                    raise BadInput(path, f"{sec}: digest of op {op} has a field outside "
-                                         "its body")
+                    raise BadInput(path, f"{where}: a relocated field outside its body")
                 fields.append((pos, size))
                 links.append(layout.Link(bool(size_flags & layout.FIELD_PCREL),
                                          target=targets.get(j)))
-            row.append(layout.BodyDigest(crc, length, tuple(fields), tuple(links)))
+            addr = None
+            if body:
+                addr = (region.vaddr + table_at + layout.BODY.size * j0 + body) & mask
+            row.append(layout.AltEntry(flags, layout.BodyDigest(crc, length, tuple(fields),
+                                                                tuple(links)), addr=addr))
         rows.append(tuple(row))
-    return bounds, tuple(rows), end  # type: ignore[return-value]
+    return bounds, tuple(rows), end

@@ -7,18 +7,21 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"LINKFIX\0"
-VERSION = 2
+VERSION = 3
 
 META_SECTION = ".linkfix.meta"
 SITES_SECTION = ".linkfix.sites"
+BRANCHES_SECTION = ".linkfix.branches"
 REPL_SECTION = ".linkfix.repl"
 
 KIND_OP = 0
 KIND_BRANCH = 1
 
 FLAG_PRESENT = 0x1
-FLAG_CALL = 0x2
-FLAG_JMP = 0x4
+FLAG_CALL = 0x2  # the body is one direct `call` (a C function or its callee-save thunk)
+FLAG_JMP = 0x4  # a branch site's jump to one of its own labels (no stored copy)
+FLAG_OOL = 0x8  # a `call` to the out-of-line copy of a body too long for the site
+FLAGS_KNOWN = 0xF
 
 GENERIC = 0  # alternative index of the dispatch call
 
@@ -28,17 +31,16 @@ META_FIXED = struct.Struct("<8sHHHHHHIBBH")
 META_STATE_OFFSET = META_FIXED.size  # 28
 assert META_STATE_OFFSET == 28
 
-SITE_HEAD = struct.Struct("<iHBB")  # site, op, site_len, kind
-ALT = struct.Struct("<iBBH")  # body, len, flags, reserved
+SITE = struct.Struct("<iHBB")  # op site: site, op, site_len, kind
+SITE_REC_SIZE = SITE.size  # 8
+BRANCH = struct.Struct("<iiiHBB")  # site, generic target, "true" target, op, site_len, kind
+BRANCH_REC_SIZE = BRANCH.size  # 16
+BODY = struct.Struct("<iIBBBBHH")  # copy, crc, len, flags, n_fields, 0, first field, 0
 
 
-def site_rec_size(n_backends: int) -> int:
-    return SITE_HEAD.size + ALT.size * (n_backends + 1)
-
-
-def site_struct(n_backends: int) -> struct.Struct:
-    """One struct for a whole site record: head then n_backends+1 alternatives."""
-    return struct.Struct("<iHBB" + "iBBH" * (n_backends + 1))
+def site_rec_size(n_backends: int = 0) -> int:
+    """Bytes of an op site record (fixed since format 3; the argument is ignored)."""
+    return SITE_REC_SIZE
 
 
 def branch_op_name(backend: str) -> str:
@@ -46,12 +48,12 @@ def branch_op_name(backend: str) -> str:
 
 
 # The table bounds the header records by link-time relocation (self-relative
-# s32 each): sites start/end, repl start/end, and the names the linker script
-# gives them. A section header or symbol that disagrees is corruption.
+# s32 each), and the names the linker script gives them. A section header or
+# symbol that disagrees is corruption.
 BOUND_SYMBOLS = ("__linkfix_sites_start", "__linkfix_sites_end",
+                 "__linkfix_branches_start", "__linkfix_branches_end",
                  "__linkfix_repl_start", "__linkfix_repl_end")
-BOUNDS = struct.Struct("<4i")
-DIGEST = struct.Struct("<IBBH")  # crc32 of the masked body, len, n_fields, first field
+BOUNDS = struct.Struct("<6i")
 
 
 FIELD_PCREL = 0x80  # in a field's size byte: the relocation is PC-relative
@@ -136,6 +138,33 @@ def wrong_field(d: BodyDigest, code: bytes, address: int) -> int | None:
 
 
 @dataclass(frozen=True)
+class AltEntry:
+    """Alternative k of one op, as the header's body table records it.
+
+    `digest` describes the stored copy (every present op alternative stores
+    exactly its site's bytes, padding included; a branch op's jumps store
+    nothing). gen-stubs names the copy by `label`; a parsed header (or a test
+    writing one) holds its address in `addr`.
+    """
+
+    flags: int
+    digest: BodyDigest = ABSENT
+    label: str | None = None
+    addr: int | None = None
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & FLAG_PRESENT)
+
+    @property
+    def stored(self) -> bool:
+        return self.label is not None or self.addr is not None
+
+
+ABSENT_ALT = AltEntry(0)
+
+
+@dataclass(frozen=True)
 class Meta:
     machine: int
     backends: tuple[str, ...]  # backend 1..n; index 0 (generic) is implicit
@@ -144,14 +173,22 @@ class Meta:
     target: int = 0
     patched: int = 0
     op_state: tuple[int, ...] = ()
-    # digests[op][k]: alternative k of op (k = 0 generic); ABSENT where there is none
-    digests: tuple[tuple[BodyDigest, ...], ...] = ()
-    # sites start/end, repl start/end as absolute addresses (parsed images only)
-    bounds: tuple[int, int, int, int] | None = None
+    # alts[op][k]: alternative k of op (k = 0 generic); ABSENT_ALT where there is none
+    alts: tuple[tuple[AltEntry, ...], ...] = ()
+    # sites, branches, repl start/end as absolute addresses (parsed images only)
+    bounds: tuple[int, int, int, int, int, int] | None = None
 
     @property
     def n_real_ops(self) -> int:
         return len(self.ops) - len(self.backends)
+
+    @property
+    def n_alts(self) -> int:
+        return len(self.backends) + 1
+
+    def alt(self, op: int, k: int) -> AltEntry:
+        row = self.alts[op] if op < len(self.alts) else ()
+        return row[k] if k < len(row) else ABSENT_ALT
 
     def names_blob(self) -> bytes:
         return b"".join(n.encode() + b"\0" for n in (*self.backends, *self.ops))
@@ -162,8 +199,7 @@ class Meta:
         state = self.op_state or (0,) * len(self.ops)
         head = META_FIXED.pack(
             MAGIC, VERSION, self.machine, len(self.ops), len(self.backends),
-            site_rec_size(len(self.backends)), len(names), self.spec_hash,
-            self.target, self.patched, 0,
+            SITE_REC_SIZE, len(names), self.spec_hash, self.target, self.patched, 0,
         )
         out = head + bytes(state) + names
         return out + b"\0" * (-len(out) % 4)
@@ -172,56 +208,65 @@ class Meta:
     def word(self) -> int:
         return 8 if self.machine == 62 else 4
 
+    def _entries(self) -> list[tuple[AltEntry, bytes]]:
+        """Per (op, k) in order: the entry and its 12 bytes after the copy's address."""
+        out = []
+        n_fields = 0
+        for op in range(len(self.ops)):
+            for k in range(self.n_alts):
+                e = self.alt(op, k)
+                d = e.digest
+                first = n_fields if d.fields else 0
+                if first > 0xFFFF:
+                    raise ValueError("more than 65535 relocated fields in the bodies")
+                n_fields += len(d.fields)
+                out.append((e, BODY.pack(0, d.crc, d.length, e.flags, len(d.fields), 0,
+                                         first, 0)[4:]))
+        return out
+
     def _fields(self) -> tuple[bytes, list[Link]]:
-        """The digest entries and field list, and the links to record after them."""
-        n_alts = len(self.backends) + 1
-        entries = bytearray()
+        """The field list after the body table, padded to 4, and the links to record."""
         fields = bytearray()
         links: list[Link] = []
         for op in range(len(self.ops)):
-            row = self.digests[op] if op < len(self.digests) else ()
-            for k in range(n_alts):
-                d = row[k] if k < len(row) else ABSENT
-                first = len(fields) // 2 if d.fields else 0
-                if first > 0xFFFF:
-                    raise ValueError("more than 65535 relocated fields in the bodies")
-                entries += DIGEST.pack(d.crc, d.length, len(d.fields), first)
+            for k in range(self.n_alts):
+                d = self.alt(op, k).digest
                 for (pos, size), link in zip(d.fields, d.links, strict=True):
                     flags = (FIELD_PCREL if link.pcrel else 0) | \
                         (0 if link.recorded else FIELD_UNRECORDED)
                     fields += bytes((pos, size | flags))
                     if link.recorded:
                         links.append(link)
-        out = bytes(entries + fields)
-        table_at = len(self.head()) + BOUNDS.size
-        return out + b"\0" * (-(table_at + len(out)) % 4), links
+        return bytes(fields) + b"\0" * (-len(fields) % 4), links
 
-    def tail(self, at: int = 0) -> bytes:
-        """Digest table, field list and recorded field targets (self-relative words),
-        for a header at address `at`: the bytes after the bounds."""
-        table, links = self._fields()
-        start = at + len(self.head()) + BOUNDS.size + len(table)
+    def table_offset(self) -> int:
+        """Where the body table starts, from the header's start."""
+        return len(self.head()) + BOUNDS.size
+
+    def encode(self, at: int = 0, bounds: tuple[int, ...] = (0,) * 6) -> bytes:
+        """The whole header placed at address `at`, every address resolved (tests)."""
+        head = self.head()
+        base = at + len(head)
+        out = bytearray(head)
+        out += BOUNDS.pack(*(b - (base + 4 * j) if b else 0 for j, b in enumerate(bounds)))
+        for e, rest in self._entries():
+            here = at + len(out)
+            out += struct.pack("<i", e.addr - here if e.addr is not None else 0) + rest
+        fields, links = self._fields()
+        out += fields
         fmt = "<q" if self.word == 8 else "<i"
         mask = (1 << (8 * self.word)) - 1
-        out = bytearray(table)
-        for j, link in enumerate(links):
-            where = start + j * self.word
-            value = ((link.target or 0) - where) & mask
+        for link in links:
+            value = ((link.target or 0) - (at + len(out))) & mask
             if value >> (8 * self.word - 1):
                 value -= 1 << (8 * self.word)
             out += struct.pack(fmt, value)
         return bytes(out)
 
-    def encode(self, at: int = 0, bounds: tuple[int, int, int, int] = (0, 0, 0, 0)) -> bytes:
-        """The whole header placed at address `at`, with the table bounds resolved."""
-        head = self.head()
-        base = at + len(head)
-        rel = BOUNDS.pack(*(b - (base + 4 * j) if b else 0 for j, b in enumerate(bounds)))
-        return head + rel + self.tail(at)
-
     def size(self) -> int:
-        table, links = self._fields()
-        return len(self.head()) + BOUNDS.size + len(table) + self.word * len(links)
+        fields, links = self._fields()
+        return self.table_offset() + BODY.size * len(self.ops) * self.n_alts + len(fields) + \
+            self.word * len(links)
 
 
 def encode_state(target: int, patched: int, op_state: list[int] | tuple[int, ...]) -> bytes:
@@ -233,12 +278,16 @@ STATE_OFFSET = 24
 
 
 def meta_asm_lines(meta: Meta, symbols: tuple[str, ...] = BOUND_SYMBOLS) -> list[str]:
-    """The header as assembler lines: bytes, then the bounds as link-time differences."""
+    """The header as assembler lines: bytes, with the bounds, the copies' addresses and
+    the fields' targets as link-time differences."""
     def rows(data: bytes) -> list[str]:
         return [".byte " + ",".join(f"0x{b:02x}" for b in data[i:i + 12])
                 for i in range(0, len(data), 12)]
 
-    table, links = meta._fields()
+    lines = [*rows(meta.head()), *(f".long {sym} - ." for sym in symbols)]
+    for e, rest in meta._entries():
+        lines.append(f".long {e.label} - ." if e.label else ".long 0")
+        lines += rows(rest)
+    fields, links = meta._fields()
     word = ".quad" if meta.word == 8 else ".long"
-    return [*rows(meta.head()), *(f".long {sym} - ." for sym in symbols), *rows(table),
-            *(f"{word} ({link.expr}) - ." for link in links)]
+    return [*lines, *rows(fields), *(f"{word} ({link.expr}) - ." for link in links)]

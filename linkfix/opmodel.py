@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from linkfix import layout
+from linkfix import layout, sitefill
 from linkfix.body import (
     KIND_CALL,
     KIND_EMPTY,
@@ -19,25 +19,61 @@ from linkfix.body import (
     site_clobbers,
 )
 from linkfix.bodycheck import Checked
+from linkfix.errors import BadInput
+from linkfix.insn import decode
 from linkfix.measure import Measured
-from linkfix.padding import pad
 from linkfix.spec import Op, Spec
 
 
 @dataclass(frozen=True)
 class Alt:
-    """Alternative k of a site record."""
+    """Alternative k of an op: what its sites hold when patched to it.
+
+    `code` is the whole site (padding included) as stored once in
+    `.linkfix.repl`; `fields` are the bytes the link fills in, each with the
+    symbol + addend it names. `how` says how the body reached the site:
+    generic (the dispatch call), inline, call (a whole-call body), ool (a call to
+    the body's out-of-line copy: the body is longer than the site budget),
+    empty, or none (the op has no body for that backend).
+    """
 
     k: int  # 0 generic, b = backend b
     name: str  # "generic" or the backend
-    kind: str  # generic | inline | call | empty | jmp | none
-    statements: tuple[str, ...]  # its code in .linkfix.repl
+    how: str
     flags: int
-    guard: str  # "if" (constant length), "org" (contains relaxable branches) or ""
+    code: bytes = b""
+    fields: tuple[tuple[int, int, layout.Link], ...] = ()
+    body_len: int = 0  # bytes of body before the padding (the call, for ool)
+    pad_insns: int = 0  # padding instructions executed after the body
+    body_insns: int = 0  # instructions of the body itself (ool: of the called copy)
+    ool_len: int = 0  # bytes of the called copy, its `ret` included (ool only)
+
+    @property
+    def path_insns(self) -> int:
+        """Instructions a site patched to this alternative executes (ool: call, body, ret)."""
+        if self.how in ("generic", "call"):
+            return 1 + self.pad_insns
+        if self.how == "ool":
+            return 1 + self.pad_insns + self.body_insns + 1
+        return self.body_insns + self.pad_insns
+
+    @property
+    def path_bytes(self) -> int:
+        """Instruction bytes that path fetches and runs (a jump's INT3s are not run)."""
+        pad_run = sitefill.executed_bytes(self.code[self.body_len:])
+        return self.body_len + pad_run + self.ool_len
 
     @property
     def present(self) -> bool:
         return bool(self.flags & layout.FLAG_PRESENT)
+
+    def entry(self, label: str | None) -> layout.AltEntry:
+        if not self.present:
+            return layout.ABSENT_ALT
+        fields = tuple((p, n) for p, n, _l in self.fields)
+        links = tuple(link for _p, _n, link in self.fields)
+        return layout.AltEntry(self.flags, layout.body_digest(self.code, fields, links),
+                               label=label)
 
 
 @dataclass(frozen=True)
@@ -50,7 +86,8 @@ class Thunk:
 class OpModel:
     op: Op
     site_len: int
-    pad: bytes
+    budget: int
+    pad: bytes  # after the linked call
     clobbers: tuple[str, ...]  # every register the site may change
     saved: tuple[str, ...]  # caller-saved registers the thunks preserve
     alts: tuple[Alt, ...]
@@ -58,7 +95,9 @@ class OpModel:
     measured: dict[str, Measured]
     thunks: tuple[Thunk, ...]
     table: dict[str, str]  # backend -> symbol in the ops table
-    digests: tuple[layout.BodyDigest, ...]  # per alternative k, for the image header
+
+    def repl_label(self, k: int) -> str:
+        return f"__lf_repl_{self.op.name}_{k}"
 
 
 def dispatch_name(op: str) -> str:
@@ -72,54 +111,84 @@ def body_fn_name(op: str, backend: str) -> str:
 CALL_FIELD = ((1, 4),)  # the rel32 of a 5-byte call or jmp
 
 
+def site_budget(spec: Spec, op: Op, measured: dict[str, Measured]) -> int:
+    """The longest body that stays inline: the op's or the spec's `site_budget`, else
+    what the default backend needs, or 5 bytes (a call), whichever is larger."""
+    if op.site_budget is not None:
+        return op.site_budget
+    if spec.site_budget is not None:
+        return spec.site_budget
+    own = measured.get(spec.default_backend)
+    return max(5, own.length if own is not None else 0)
+
+
 def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Measured],
              checked: dict[str, Checked]) -> OpModel:
     """`checked`: per backend, its body's relocated fields and where the link points them."""
-    lengths = [measured[b].length for b in bodies]
-    site_len = max(5, *lengths) if lengths else 5
-    alts = [Alt(0, "generic", "generic", (f"call {dispatch_name(op.name)}",),
-                layout.FLAG_PRESENT | layout.FLAG_CALL, "")]
+    budget = site_budget(spec, op, measured)
+    inline_lens = [measured[b].length for b in bodies if measured[b].length <= budget]
+    site_len = max(5, *inline_lens) if inline_lens else 5
+    call_at = (1, 4, layout.Link(True, expr=f"{dispatch_name(op.name)}-4"))
+    generic_pad = sitefill.nop_fill(site_len - 5)
+    alts = [Alt(0, "generic", "generic", layout.FLAG_PRESENT | layout.FLAG_CALL,
+                b"\xe8" + bytes(4) + generic_pad, (call_at,), 5,
+                sitefill.count_insns(generic_pad), 1)]
     thunks: dict[str, Thunk] = {}
     saved = saved_regs(spec.arch, op)
     for k, backend in enumerate(spec.backends, start=1):
         body = bodies.get(backend)
         if body is None:
-            alts.append(Alt(k, backend, "none", (), 0, ""))
+            alts.append(Alt(k, backend, "none", 0))
             continue
-        flags = layout.FLAG_PRESENT
-        if body.kind == KIND_CALL:
-            flags |= layout.FLAG_CALL
-            if saved:
-                assert body.callee is not None
-                name = body.statements[0].split()[1]
-                thunks.setdefault(name, Thunk(name, body.callee))
+        if body.kind == KIND_CALL and saved:
+            assert body.callee is not None
+            name = body.statements[0].split()[1]
+            thunks.setdefault(name, Thunk(name, body.callee))
         if body.kind == KIND_INLINE and saved:
             for sym in body.inner_calls:
                 name = f"__lf_thunk_{op.name}_{sym}"
                 thunks.setdefault(name, Thunk(name, sym))
-        guard = ""
-        if body.kind != KIND_EMPTY and measured[backend].length > 0:
-            guard = "org" if body.has_branches else "if"
-        alts.append(Alt(k, backend, body.kind, body.statements, flags, guard))
+        alts.append(_alternative(spec, op, k, backend, body, measured[backend],
+                                 checked[backend], site_len))
 
     table: dict[str, str] = {}
     for backend in spec.backends:
         src = backend if backend in bodies else _fallback(spec, bodies)
-        body = bodies[src]
-        table[backend] = body.callee if body.kind == KIND_CALL and body.callee else \
+        b = bodies[src]
+        table[backend] = b.callee if b.kind == KIND_CALL and b.callee else \
             body_fn_name(op.name, src)
-    digests = [layout.body_digest(b"\xe8" + bytes(4), CALL_FIELD,
-                                  (layout.Link(True, expr=f"{dispatch_name(op.name)}-4"),))]
-    for backend in spec.backends:
-        if backend not in bodies:
-            digests.append(layout.ABSENT)
-        else:
-            c = checked[backend]
-            digests.append(layout.body_digest(measured[backend].code, c.masked, c.links))
-    return OpModel(op=op, site_len=site_len, pad=pad(site_len - 5),
+    return OpModel(op=op, site_len=site_len, budget=budget, pad=generic_pad,
                    clobbers=site_clobbers(spec.arch, op), saved=saved, alts=tuple(alts),
-                   bodies=bodies, measured=measured, thunks=tuple(thunks.values()), table=table,
-                   digests=tuple(digests))
+                   bodies=bodies, measured=measured, thunks=tuple(thunks.values()),
+                   table=table)
+
+
+def _alternative(spec: Spec, op: Op, k: int, backend: str, body: Body, meas: Measured,
+                 chk: Checked, site_len: int) -> Alt:
+    """Backend k's body finished to the site: inline with padding, or out of line."""
+    fields = tuple(zip((p for p, _n in chk.masked), (n for _p, n in chk.masked), chk.links,
+                       strict=True))
+    if body.kind == KIND_EMPTY or meas.length == 0:
+        fill = sitefill.nop_fill(site_len)
+        return Alt(k, backend, "empty", layout.FLAG_PRESENT, fill, (), 0,
+                   sitefill.count_insns(fill))
+    flags = layout.FLAG_PRESENT | (layout.FLAG_CALL if body.kind == KIND_CALL else 0)
+    n_insns = len(decode(spec.arch, meas.code))
+    if meas.length <= site_len:
+        code, fields, body_len, pad_insns = sitefill.finish(spec.arch, meas.code, fields,
+                                                            site_len, body.has_branches)
+        return Alt(k, backend, "call" if body.kind == KIND_CALL else "inline", flags, code,
+                   fields, body_len, pad_insns, n_insns)
+    problem = sitefill.ool_problem(spec.arch, meas.code)
+    if problem is not None:
+        raise BadInput(spec.path, f"op '{op.name}': backend '{backend}': its {meas.length}-"
+                                  f"byte body is longer than the {site_len}-byte site and "
+                                  f"cannot run out of line ({problem}); raise site_budget")
+    fill = sitefill.nop_fill(site_len - 5)
+    target = (1, 4, layout.Link(True, expr=f"{body_fn_name(op.name, backend)}-4"))
+    return Alt(k, backend, "ool", layout.FLAG_PRESENT | layout.FLAG_OOL,
+               b"\xe8" + bytes(4) + fill, (target,), 5, sitefill.count_insns(fill), n_insns,
+               meas.length + 1)
 
 
 def _fallback(spec: Spec, bodies: dict[str, Body]) -> str:

@@ -18,11 +18,11 @@ from linkfix.splice import Splicer
 
 
 def op_state(t: tables.Tables, chk: tables.Checked, per_op: tuple[int, ...],
-             eff: dict[bytes, int]) -> list[int]:
+             eff: dict[int, int]) -> list[int]:
     """Alternative in place at every site of each op (the request when it has no sites)."""
     state = list(per_op)
-    for key, k in eff.items():
-        state[chk.shapes[key].op] = k
+    for op, k in eff.items():
+        state[op] = k
     return state
 
 

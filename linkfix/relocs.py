@@ -58,7 +58,7 @@ class _Table:
         return self.entries[a:b]
 
 
-def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
+def update(sp: Splicer, eff: dict[int, int], out: bytearray) -> int:
     """Check dynamic relocations and rewrite static ones; returns slots rewritten."""
     t = sp.t
     img = t.image
@@ -69,20 +69,18 @@ def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
     site_tables, repl_table = _static_tables(sp, statics)
     chk = sp.chk
     rewritten = 0
-    for i in range(t.n_sites):
-        sh = sp.shape_of(i)
-        k = eff.get(chk.key_of(i), 0)
-        s = chk.site_addrs[i]
-        L = sh.site_len
+    for s, op in zip(chk.site_addrs, chk.site_ops, strict=True):
+        k = eff.get(op, 0)
+        L = chk.shapes[op].site_len
         so = img.offset_of(s, L)
         assert so is not None
-        bl = sh.alts[k].len
-        b = chk.body_addrs(k)[i]
+        copy = chk.copies[(op, k)]
+        b, bl = (copy.addr, copy.length) if copy.addr is not None else (0, 0)
         changed = out[so:so + L] != img.data[so:so + L]
         if dyn and changed:
-            _refuse_dynamic(t, i, dyn, s, L, "the site")
+            _refuse_dynamic(t, s, op, dyn, s, L, "the site")
             if bl:
-                _refuse_dynamic(t, i, dyn, b, bl, f"the {t.alt_name(k)} body")
+                _refuse_dynamic(t, s, op, dyn, b, bl, f"the {t.alt_name(k)} copy")
         if not statics:
             continue
         sec = img.section_at(s)
@@ -90,24 +88,19 @@ def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
         owned = sorted(table.within(s, s + L), key=lambda r: r.slot) if table else []
         body_relocs = repl_table.within(b, b + bl) if (repl_table and bl) else []
         body_relocs = [r for r in body_relocs if r.type != 0]
-        if body_relocs:
-            new_len = _body_len(out, so, L, sp, i, k)
-            if new_len != bl:
-                raise site_error(t, i, f"alternative {t.alt_name(k)}: a body with "
-                                       "relocations whose rel8 jumps had to be widened")
         pcrel = _PCREL[img.machine]
         absolute = [r for r in body_relocs if r.type not in pcrel]
         if len(absolute) > len(owned):
             what = ", ".join(type_name(img.machine, r.type) for r in absolute)
             where = table.rt.section.name if table else \
                 f"no relocation section for {sec.name if sec else '?'}"
-            raise site_error(t, i, f"alternative {t.alt_name(k)} needs {len(absolute)} "
-                                   f"absolute relocation(s) ({what}) but the site owns "
-                                   f"{len(owned)} slot(s) in {where}")
+            raise site_error(t, s, op, f"alternative {t.alt_name(k)} needs {len(absolute)} "
+                                       f"absolute relocation(s) ({what}) but the site owns "
+                                       f"{len(owned)} slot(s) in {where}")
         keep = absolute + [r for r in body_relocs if r.type in pcrel]
         keep = sorted(keep[:len(owned)], key=lambda r: r.offset)
         if keep and table is not None and repl_table is not None:
-            _check_compatible(t, i, table, repl_table)
+            _check_compatible(t, s, op, table, repl_table)
         assert table is not None or not owned
         for j, slot in enumerate(owned):
             if j < len(keep):
@@ -124,23 +117,13 @@ def update(sp: Splicer, eff: dict[bytes, int], out: bytearray) -> int:
     return rewritten
 
 
-def _body_len(out: bytearray, so: int, L: int, sp: Splicer, i: int, k: int) -> int:
-    """Length of the spliced body proper (before padding) at site i."""
-    body = sp.body(i, k)
-    code = sp.code_for(i, k, body)
-    if not code.external or code.simple:
-        return len(body)
-    from linkfix import fixups
-
-    delta = sp.chk.body_addrs(k)[i] - sp.chk.site_addrs[i]
-    return len(fixups.relocate(code, body, delta, L, bits=sp.bits))
-
-
-def _refuse_dynamic(t: Tables, i: int, dyn: list[int], lo: int, size: int, what: str) -> None:
+def _refuse_dynamic(t: Tables, s: int, op: int, dyn: list[int], lo: int, size: int,
+                    what: str) -> None:
     j = bisect.bisect_left(dyn, lo)
     if j < len(dyn) and dyn[j] < lo + size:
-        raise site_error(t, i, f"a load-time (dynamic) relocation at {dyn[j]:#x} lies in {what}; "
-                               "patching it would be undone or corrupted by the loader")
+        raise site_error(t, s, op, f"a load-time (dynamic) relocation at {dyn[j]:#x} lies in "
+                                   f"{what}; patching it would be undone or corrupted by the "
+                                   "loader")
 
 
 def _static_tables(sp: Splicer, statics: tuple[RelocTable, ...]
@@ -151,7 +134,8 @@ def _static_tables(sp: Splicer, statics: tuple[RelocTable, ...]
     # those in .linkfix.repl.
     sites = chk.site_addrs
     lo = min(sites, default=0)
-    hi = max((s + sp.shape_of(i).site_len for i, s in enumerate(sites)), default=0)
+    hi = max((s + chk.shapes[op].site_len for s, op in zip(sites, chk.site_ops, strict=True)),
+             default=0)
     repl = t.repl_region
     repl_sec = img.section_at(repl.vaddr) if repl is not None and repl.size else None
     by_target: dict[int, _Table] = {}
@@ -168,8 +152,8 @@ def _static_tables(sp: Splicer, statics: tuple[RelocTable, ...]
     return by_target, repl_table
 
 
-def _check_compatible(t: Tables, i: int, site: _Table, repl: _Table) -> None:
+def _check_compatible(t: Tables, s: int, op: int, site: _Table, repl: _Table) -> None:
     a, b = site.rt, repl.rt
     if a.rela != b.rela or a.section.link != b.section.link:
-        raise site_error(t, i, f"relocation sections {a.section.name} and {b.section.name} "
+        raise site_error(t, s, op, f"relocation sections {a.section.name} and {b.section.name} "
                                "differ in kind or symbol table; cannot move relocations")

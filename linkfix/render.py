@@ -16,7 +16,14 @@ from pathlib import Path
 from linkfix import layout
 from linkfix.body import KIND_CALL, KIND_INLINE, is_label, rename_labels
 from linkfix.opmodel import CALL_FIELD, OpModel, body_fn_name, dispatch_name
-from linkfix.sitetext import branch_site_lines, c_asm_escape, c_string, op_site_lines
+from linkfix.padding import NOPS
+from linkfix.sitetext import (
+    branch_site_lines,
+    c_asm_escape,
+    c_string,
+    op_site_lines,
+    repl_lines,
+)
 from linkfix.spec import IDENT, Op, Spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -185,18 +192,33 @@ def gas_macro_lines(spec: Spec, m: OpModel) -> list[str]:
 # ------------------------------------------------------------------ meta, manifest
 
 
+NOP5_LABEL = ".Llf_repl_nop5"
+
+
 def meta(spec: Spec, models: list[OpModel]) -> layout.Meta:
-    """The image header: names, and what every alternative of every op assembled to."""
+    """The image header: names, and every alternative's stored copy and digest."""
     ops = tuple(op.name for op in spec.ops) + tuple(
         layout.branch_op_name(b) for b in spec.backends)
-    jmp = layout.body_digest(b"\xe9" + bytes(4), CALL_FIELD)
-    empty = layout.body_digest(b"", ())
-    digests = [m.digests for m in models]
+    alts = [tuple(a.entry(m.repl_label(a.k) if a.present else None) for a in m.alts)
+            for m in models]
+    jmp = layout.AltEntry(layout.FLAG_PRESENT | layout.FLAG_JMP,
+                          layout.body_digest(b"\xe9" + bytes(4), CALL_FIELD))
+    nop5 = layout.AltEntry(layout.FLAG_PRESENT, layout.body_digest(NOPS[5], ()),
+                           label=NOP5_LABEL)
     for b in range(1, len(spec.backends) + 1):
-        digests.append((jmp, *(jmp if k == b else empty
-                               for k in range(1, len(spec.backends) + 1))))
+        alts.append((jmp, *(jmp if k == b else nop5 for k in range(1, len(spec.backends) + 1))))
     return layout.Meta(machine=spec.arch.e_machine, backends=spec.backends, ops=ops,
-                       spec_hash=spec.spec_hash(), digests=tuple(digests))
+                       spec_hash=spec.spec_hash(), alts=tuple(alts))
+
+
+def repl_copies(spec: Spec, models: list[OpModel]) -> list[str]:
+    """The stored copy of every op alternative (one per op and backend) for .linkfix.repl."""
+    lines: list[str] = []
+    for m in models:
+        for a in m.alts:
+            if a.present:
+                lines += repl_lines(m.repl_label(a.k), a.code, a.fields, spec.arch.word)
+    return lines + repl_lines(NOP5_LABEL, NOPS[5], (), spec.arch.word)
 
 
 def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-arg]
@@ -207,6 +229,7 @@ def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-ar
             meas = m.measured[backend]
             bodies[backend] = {"kind": body.kind, "text": body.text, "source": body.source,
                                "length": meas.length}
+            bodies[backend].update(_trade(m, spec.backend_index(backend)))
             if body.callee:
                 bodies[backend]["callee"] = body.callee
         ops.append({
@@ -219,6 +242,8 @@ def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-ar
             "declared_clobbers": list(m.op.clobbers),
             "saved_by_thunks": list(m.saved),
             "site_size": m.site_len,
+            "site_budget": m.budget,
+            "generic": _trade(m, 0),
             "bodies": bodies,
             "ops_table": m.table,
         })
@@ -233,10 +258,21 @@ def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-ar
         "backends": list(spec.backends),
         "default_backend": spec.default_backend,
         "spec_hash": f"0x{spec.spec_hash():08x}",
-        "site_rec_size": layout.site_rec_size(len(spec.backends)),
+        "site_rec_size": layout.SITE_REC_SIZE,
+        "branch_rec_size": layout.BRANCH_REC_SIZE,
         "ops": ops,
         "branch_ops": branches,
     }
+
+
+def _trade(m: OpModel, k: int) -> dict[str, object]:
+    """Where alternative k's body runs and what its path executes (the dispatch's own
+    cost is not counted for generic)."""
+    a = m.alts[k]
+    out: dict[str, object] = {"placement": a.how, "executed_insns": a.path_insns,
+                              "executed_bytes": a.path_bytes,
+                              "padding_insns": a.pad_insns}
+    return out
 
 
 # ------------------------------------------------------------------ rendering
@@ -279,6 +315,7 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         "thunks": thunk_functions(spec, models),
         "body_functions": body_functions(models),
         "meta": layout.meta_asm_lines(meta(spec, models)),
+        "repl": repl_copies(spec, models),
         "macros": [(m.op.name, gas_macro_lines(spec, m)) for m in models],
         "table_symbols": _table_symbols(spec, models),
     }

@@ -46,21 +46,18 @@ def kbuild(verb: str, name: str) -> str:
     return f"  {verb:<8}{name}"
 
 
-def op_stats(t: Tables, chk: Checked, eff: dict[bytes, int]) -> list[str]:
+def op_stats(t: Tables, chk: Checked, eff: dict[int, int]) -> list[str]:
     """One line per op with sites: how many sites got which alternative, and the bytes."""
     per: dict[int, Counter[int]] = {}
     size: Counter[int] = Counter()
-    padding: Counter[int] = Counter()
-    for key, count in chk.shape_counts().items():
-        sh = chk.shapes[key]
-        k = eff.get(key, 0)
-        per.setdefault(sh.op, Counter())[k] += count
-        size[sh.op] += sh.site_len * count
-        padding[sh.op] += (sh.site_len - sh.alts[k].len) * count
+    for op, count in chk.shape_counts().items():
+        sh = chk.shapes[op]
+        per.setdefault(op, Counter())[eff.get(op, 0)] += count
+        size[op] += sh.site_len * count
     lines = []
     for op in sorted(per):
         alts = ", ".join(f"{t.alt_name(k)} {n}" for k, n in sorted(per[op].items()))
         lines.append(f"  {t.op_name(op)}: {plural(sum(per[op].values()), 'site')} ({alts}); "
-                     f"{size[op]} bytes, {padding[op]} padding")
+                     f"{size[op]} bytes")
     lines.append(f"  total: {plural(t.n_sites, 'site')}")
     return lines

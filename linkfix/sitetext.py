@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from linkfix import layout
-from linkfix.body import is_label, rename_labels
-from linkfix.opmodel import Alt, OpModel, dispatch_name
+from linkfix.opmodel import OpModel, dispatch_name
 from linkfix.spec import Spec
 
 
@@ -19,12 +18,13 @@ def _byte_list(data: bytes) -> str:
 
 
 def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
-    """The site, its alternatives and its record, as assembler lines.
+    """The site (the dispatch call and its padding) and its record, as assembler lines.
 
     `uid` makes labels unique per use (`%=` in C asm, `\\@` in a GAS macro);
-    `esc` escapes body text for the consumer (`%` -> `%%` in C asm).
+    `esc` escapes text for the consumer (`%` -> `%%` in C asm). The bodies are
+    not here: linkfix_thunks.S stores one copy of each for every site.
 
-    Length guards are `.org` assertions, which GNU as and clang's integrated
+    The length guard is an `.org` assertion, which GNU as and clang's integrated
     assembler both check after layout (clang cannot evaluate a label difference
     in an inline-asm `.if`); GNU as also gets a readable `.error`.
     """
@@ -51,27 +51,13 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
     lines += [f"{e}:",
               *gas_error(wrong_size, f"linkfix: site of op {op} is not {m.site_len} bytes"),
               org_assert(e, wrong_size),
-              '\t.pushsection .linkfix.repl,"a"']
-    for alt in m.alts:
-        if not alt.present:
-            continue
-        r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
-        lines.append(f"{r}:")
-        # Escape the body first: the label names carry `uid` (`%=`), which must not be.
-        code = rename_labels([esc(st) for st in alt.statements],
-                             lambda n, k=alt.k: f".Llf_l{k}_{n}_{uid}")
-        lines += [st if is_label(st) else f"\t{st}" for st in code]
-        lines.append(f"{q}:")
-        too_long = f"({q} - {r}) > {m.site_len}"
-        if alt.guard == "if":
-            lines += gas_error(too_long,
-                               f"linkfix: op {op} backend {alt.name} body longer than its site")
-        if alt.guard:
-            # A body with branches ("org") has no length GNU as knows at `.if` time:
-            # only the `.org`, checked once the branches are relaxed, covers it.
-            lines.append(org_assert(q, too_long))
-    lines.append("\t.popsection")
-    lines += _record_lines(uid, m.op.index, m.site_len, layout.KIND_OP, m.alts)
+              '\t.pushsection .linkfix.sites,"a"',
+              "\t.balign 4",
+              f"\t.long {s} - .",
+              f"\t.short {m.op.index}",
+              f"\t.byte {m.site_len}, {layout.KIND_OP}",
+              "\t.popsection"]
+    del esc  # no body text in a site any more: nothing to escape
     return lines
 
 
@@ -79,47 +65,52 @@ def branch_site_lines(spec: Spec, b: int) -> list[str]:
     """A `linkfix_backend_is(<backend b>)` site for C asm goto (labels yes / generic)."""
     uid = "%="
     s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
-    alts = [Alt(0, "generic", "jmp", (), layout.FLAG_PRESENT | layout.FLAG_JMP, "")]
-    for k, name in enumerate(spec.backends, start=1):
-        flags = layout.FLAG_PRESENT | (layout.FLAG_JMP if k == b else 0)
-        alts.append(Alt(k, name, "jmp" if k == b else "empty", (), flags, ""))
-    lines = [
+    op_index = len(spec.ops) + b - 1
+    return [
         f"{s}:",
         # Force rel32: GAS would relax a `jmp` to a near label to 2 bytes.
         "\t.byte 0xe9",
         f"\t.long %l[__lf_generic] - {e}",
         f"{e}:",
-        '\t.pushsection .linkfix.repl,"a"',
-    ]
-    for alt in alts:
-        r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
-        lines.append(f"{r}:")
-        if alt.kind == "jmp":
-            target = "__lf_generic" if alt.k == 0 else "__lf_yes"
-            lines += ["\t.byte 0xe9", f"\t.long %l[{target}] - {q}"]
-        lines.append(f"{q}:")
-    lines.append("\t.popsection")
-    op_index = len(spec.ops) + b - 1
-    lines += _record_lines(uid, op_index, 5, layout.KIND_BRANCH, tuple(alts))
-    return lines
-
-
-def _record_lines(uid: str, op_index: int, site_len: int, kind: int,
-                  alts: tuple[Alt, ...] | list[Alt]) -> list[str]:
-    lines = [
-        '\t.pushsection .linkfix.sites,"a"',
+        '\t.pushsection .linkfix.branches,"a"',
         "\t.balign 4",
-        f"\t.long .Llf_s_{uid} - .",
+        f"\t.long {s} - .",
+        "\t.long %l[__lf_generic] - .",
+        "\t.long %l[__lf_yes] - .",
         f"\t.short {op_index}",
-        f"\t.byte {site_len}, {kind}",
+        f"\t.byte 5, {layout.KIND_BRANCH}",
+        "\t.popsection",
     ]
-    for alt in alts:
-        if alt.present:
-            r, q = f".Llf_r{alt.k}_{uid}", f".Llf_q{alt.k}_{uid}"
-            lines += [f"\t.long {r} - .", f"\t.byte {q} - {r}, {alt.flags}", "\t.short 0"]
-        else:
-            lines += ["\t.long 0", "\t.byte 0, 0", "\t.short 0"]
-    lines.append("\t.popsection")
+
+
+def repl_lines(label: str, code: bytes, fields: tuple, word: int) -> list[str]:
+    """One stored copy in .linkfix.repl: its bytes, each relocated field as the
+    link-time expression it names (`.long sym+A - .` for a PC-relative one)."""
+    lines = [f"{label}:"]
+    at = 0
+    for pos, size, link in sorted(fields, key=lambda f: f[0]):
+        call = link.pcrel and size == 4 and pos > at and code[pos - 1] == 0xE8 and \
+            link.expr is not None and link.expr.endswith("-4")
+        if call:
+            # A call as the assembler writes it (R_X86_64_PLT32 where a `.long` would
+            # give PC32): an --emit-relocs image then gets back the relocations of
+            # its linked sites when it is patched to generic.
+            if pos - 1 > at:
+                lines.append(f"\t.byte {_byte_list(code[at:pos - 1])}")
+            assert link.expr is not None
+            lines.append(f"\tcall {link.expr[:-2]}")
+            at = pos + size
+            continue
+        if pos > at:
+            lines.append(f"\t.byte {_byte_list(code[at:pos])}")
+        directive = {4: ".long", 8: ".quad"}.get(size)
+        if directive is None or link.expr is None or (link.pcrel and size != 4):
+            raise ValueError(f"{label}: cannot store a {size}-byte field at +{pos}")
+        lines.append(f"\t{directive} ({link.expr}) - ." if link.pcrel
+                     else f"\t{directive} {link.expr}")
+        at = pos + size
+    if at < len(code):
+        lines.append(f"\t.byte {_byte_list(code[at:])}")
     return lines
 
 

@@ -22,8 +22,8 @@ from linkfix.crosscheck import whole_call_target  # noqa: F401 - part of this mo
 from linkfix.errors import BadInput
 from linkfix.fileio import read_regular
 
-LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes")
-OP_FIELDS = ("args", "returns", "clobbers", "bodies", "calls")
+LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes", "site_budget")
+OP_FIELDS = ("args", "returns", "clobbers", "bodies", "calls", "site_budget")
 
 # C integer types passed by value, with their size in bytes (None: the word size).
 # Named typedefs (u64, pteval_t, ...) are not accepted by value because their
@@ -59,6 +59,7 @@ class Op:
     # functions its inline bodies call, declared in the spec: name -> (returns, args)
     calls: dict[str, tuple[str | None, tuple[Arg, ...]]] = field(default_factory=dict,
                                                                  hash=False)
+    site_budget: int | None = None  # longest body kept inline (None: the spec's rule)
 
     def signature_key(self) -> tuple[str | None, tuple[str, ...]]:
         return self.returns, tuple(a.ctype for a in self.args)
@@ -72,6 +73,7 @@ class Spec:
     default_backend: str
     includes: tuple[str, ...]
     ops: tuple[Op, ...]
+    site_budget: int | None = None  # spec-wide default of the ops' site_budget
 
     def backend_index(self, name: str) -> int:
         """1-based index of a backend (0 is the generic alternative)."""
@@ -93,9 +95,11 @@ class Spec:
                     **({"calls": {fn: [ret, [f"{a.ctype} {a.name}" for a in args]]
                                   for fn, (ret, args) in op.calls.items()}}
                        if op.calls else {}),
+                    **({"site_budget": op.site_budget} if op.site_budget is not None else {}),
                 }
                 for op in self.ops
             ],
+            **({"site_budget": self.site_budget} if self.site_budget is not None else {}),
         }
 
     def spec_hash(self) -> int:
@@ -218,7 +222,17 @@ def validate(data: dict[str, Any], path: str) -> Spec:
     crosscheck.generated_names(ck, arch, ops, backends)
     crosscheck.names_size(ck, ops, names_size)
     return Spec(path=path, arch=arch, backends=backends, default_backend=default,
-                includes=tuple(includes), ops=ops)
+                includes=tuple(includes), ops=ops,
+                site_budget=_budget(ck, head.get("site_budget"), None, "linkfix.site_budget"))
+
+
+def _budget(ck: _Checker, value: Any, op: str | None, fld: str) -> int | None:
+    """A site budget: the longest body, in bytes, a site keeps inline (5 to 255)."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 5 <= value <= 255:
+        raise ck.fail("must be a whole number of bytes from 5 to 255", op=op, fld=fld)
+    return value
 
 
 def _backends(ck: _Checker, value: Any) -> tuple[str, ...]:
@@ -290,7 +304,8 @@ def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: A
     ordered = {b: bodies[b] for b in backends if b in bodies}
     calls = _calls(ck, arch, name, table.get("calls", {}), ordered)
     return Op(name=name, index=index, args=args, returns=returns, clobbers=clobbers,
-              bodies=ordered, calls=calls)
+              bodies=ordered, calls=calls,
+              site_budget=_budget(ck, table.get("site_budget"), name, "site_budget"))
 
 
 def _calls(ck: _Checker, arch: Arch, op: str, value: Any, bodies: dict[str, str]

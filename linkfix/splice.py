@@ -1,53 +1,63 @@
 """Compute the bytes of every site for a selection, and write them into a buffer.
 
-`Splicer.apply` is the hot loop (one iteration per site, a million sites in
-well under a second): the decisions that depend only on a record's shape (op,
-lengths, flags) and the chosen alternative are made once per shape and kept in
-a small plan tuple (shapeplan.py); bodies without PC-relative fields become
-finished site bytes cached by (bytes, site_len); bodies with one 32-bit
-PC-relative field (`call`, `jmp`, a RIP-relative access) are recognised by
-their unchanging bytes around that field and patched with `struct.pack_into`.
-Everything else (several fields, rel8 jumps that may need widening, a body
-unlike the op's other copies) takes the general per-site path, `site_bytes`,
-which decodes nothing twice. Checking what a site holds before it is
-rewritten is recognise.py's.
+Every site of an op gets the bytes of the op's one stored copy of the chosen
+alternative (copies.py), with each 32-bit PC-relative field re-aimed from the
+site: `target - site - pos`. A branch site's jumps take their targets from its
+own record. `Splicer.apply` is the hot loop, one small loop per op (a million
+sites in well under a second); with `current` it first checks, in the same
+pass, that every site holds what the state record says, and refuses a site
+that does not (NotRecognised).
 """
 
 from __future__ import annotations
 
 import struct
 
-from linkfix import fixups, layout
-from linkfix.padding import pad_cached
-from linkfix.recognise import (
-    CHECK_FIN,
-    CHECK_NONE,
-    CHECK_SLOW,
-    CHECK_TARGET,
-    NO_CHECK,
-    NotRecognised,
-    check_group,
-    expectation,
-)
-from linkfix.shapeplan import (
-    EMPTY,
-    FIELDS,
-    I32,
-    REL32,
-    SAME_FIELD,
-    SAME_TARGET,
-    STATIC,
-    plan_shape,
-    starts_with,
-)
+from linkfix import layout
+from linkfix.copies import Copy
 from linkfix.tables import Checked, Shape, Tables, site_error
 
 
-def _fields_match(starts, x: tuple, at: int) -> bool:  # type: ignore[no-untyped-def]
-    for pos, seg in x:
-        if not starts(seg, at + pos):
-            return False
-    return True
+class NotRecognised(Exception):
+    """Site `i` does not hold the bytes of alternative `k`, which its state record names."""
+
+    def __init__(self, i: int, k: int) -> None:
+        super().__init__(i, k)
+        self.i = i
+        self.k = k
+
+
+def effective(shape: Shape, k: int) -> int:
+    """The alternative a site gets when `k` is requested: k if it has a body, else generic."""
+    return k if 0 <= k < len(shape.alts) and shape.alts[k].present else layout.GENERIC
+
+
+def starts_with(data):  # type: ignore[no-untyped-def]
+    """`data.startswith(x, at)` for bytes, and its equivalent for a mapped file."""
+    if isinstance(data, bytes):
+        return data.startswith
+    find = data.find
+    return lambda x, at: find(x, at, at + len(x)) == at
+
+
+class _Template:
+    """A copy ready for the loop: its bytes, and its one PC-relative field (if one)."""
+
+    def __init__(self, copy: Copy, wraps: bool) -> None:
+        self.copy = copy
+        self.fin = copy.code
+        self.single = len(copy.pcrel) <= 1 and not copy.per_site
+        if copy.pcrel and self.single:
+            pos, target = copy.pcrel[0]
+            self.pos: int | None = pos
+            self.c = target - pos  # the field at a site s holds c - s
+            self.head = copy.code[:pos]
+            self.tail = copy.code[pos + 4:]
+        else:
+            self.pos = None
+            self.c = 0
+            self.head = self.tail = b""
+        self.fmt = struct.Struct("<I" if wraps else "<i")
 
 
 class Splicer:
@@ -56,341 +66,185 @@ class Splicer:
         self.chk = chk
         self.img = t.image
         self.bits = t.image.bits
-        self.mask = (1 << self.bits) - 1
-        self._templates: dict[tuple[int, int], fixups.Code] = {}
-        self._targets: dict[tuple[int, int], tuple[int, ...]] = {}
-        self._groups: dict[bytes, list[int]] | None = None
-
-    # -- the general path ------------------------------------------------------------------
+        self.wraps = self.bits == 32  # i386 displacements wrap around the 4 GiB space
+        self.mask = 0xFFFFFFFF if self.wraps else -1
 
     def shape_of(self, i: int) -> Shape:
-        return self.chk.shapes[self.chk.key_of(i)]
+        return self.chk.shape_of(i)
 
-    def body(self, i: int, k: int) -> bytes:
-        sh = self.shape_of(i)
-        bl = sh.alts[k].len
-        if not bl:
-            return b""
-        got = self.img.read(self.chk.body_addrs(k)[i], bl)
-        assert got is not None  # validated by check_records
-        return got
-
-    def code_for(self, i: int, k: int, body: bytes) -> fixups.Code:
-        """The decoded body; the op's first decoded copy serves every copy with its skeleton.
-
-        Every copy unlike that first one is checked against the digest first: the
-        skeleton masks all PC-relative fields, the digest only those the link
-        filled in (a rel8 jump the body carries itself must not change).
-        """
-        sh = self.shape_of(i)
-        tmpl = self._templates.get((sh.op, k))
-        if tmpl is not None and body == tmpl.body:
-            return tmpl
-        self.check_digest(i, k, body)
-        if tmpl is not None and len(tmpl.body) == len(body):
-            skel = bytearray(body)
-            for f in tmpl.external:
-                skel[f.pos:f.pos + f.size] = bytes(f.size)
-            if skel == tmpl.skeleton:
-                return tmpl
-        try:
-            code = fixups.analyze(body, self.bits)
-        except fixups.FixupError as exc:
-            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: {exc}") from None
-        self._templates.setdefault((sh.op, k), code)
-        return code
-
-    def check_digest(self, i: int, k: int, body: bytes) -> None:
-        """Refuse a body copy that is not what gen-stubs assembled for its op and backend."""
-        sh = self.shape_of(i)
-        digests = self.t.meta.digests
-        d = digests[sh.op][k] if sh.op < len(digests) else layout.ABSENT
-        if not layout.digest_matches(d, body):
-            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: body "
-                                        f"{body.hex()} does not match the digest gen-stubs "
-                                        f"recorded ({d.length} bytes, crc {d.crc:#010x})")
-        pos = layout.wrong_field(d, body, self.chk.body_addrs(k)[i])
-        if pos is not None:
-            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: the relocated "
-                                        f"field at +{pos} of body {body.hex()} does not point "
-                                        "where the link pointed it (the header's record)")
-
-    def targets(self, i: int, k: int, code: fixups.Code, body: bytes) -> tuple[int, ...]:
-        """Where the relocated PC-relative fields of site i's copy of alternative k lead
-        (the others are fixed by the digest)."""
-        b = self.chk.body_addrs(k)[i]
-        sh = self.shape_of(i)
-        out = []
-        for ins in code.insns:
-            f = ins.field
-            if f is not None and not f.internal and self.relocated(sh, k, f.pos):
-                (disp,) = struct.unpack_from(fixups.size_format(f.size), body, f.pos)
-                out.append((b + ins.off + ins.size + disp) & self.mask)
-        return tuple(out)
-
-    def relocated(self, sh: Shape, k: int, pos: int) -> bool:
-        """Is the field at `pos` one the link filled in (masked in the digest)?"""
-        return any(p == pos for p, _n in self.t.meta.digests[sh.op][k].fields)
-
-    def check_targets(self, i: int, k: int, code: fixups.Code, body: bytes) -> None:
-        """Every copy of an op's alternative reaches the same places (its thunk, its
-        variable): the digest cannot cover those fields, the other copies can. A
-        branch site's "true" jump leads to its own label, but never out of the code."""
-        sh = self.shape_of(i)
-        got = self.targets(i, k, code, body)
-        name = self.t.alt_name(k)
-        if sh.kind == layout.KIND_BRANCH:
-            for tgt in got:
-                if self.img.load_for(tgt, 1, executable=True) is None:
-                    raise site_error(self.t, i, f"alternative {name}: jumps to {tgt:#x}, "
-                                                "outside the executable segments")
-            return
-        seen = self._targets.setdefault((sh.op, k), got)
-        if seen != got:
-            where = ", ".join(f"{x:#x}" for x in got)
-            first = ", ".join(f"{x:#x}" for x in seen)
-            raise site_error(self.t, i, f"alternative {name}: reaches {where} where the op's "
-                                        f"other copies reach {first}")
+    def copy(self, op: int, k: int) -> Copy:
+        return self.chk.copies[(op, k)]
 
     def site_bytes(self, i: int, k: int) -> bytes:
         """The exact bytes site i holds when patched to alternative k (k must be present)."""
-        return self.placed(i, k)[0]
+        s = self.chk.site_addrs[i]
+        op = self.chk.site_ops[i]
+        c = self.copy(op, k)
+        fmt = struct.Struct("<I" if self.wraps else "<i")
+        out = bytearray(c.code)
+        try:
+            if c.per_site:
+                g, y = self.chk.branch_targets(i)
+                fmt.pack_into(out, 1, ((g if k == 0 else y) - s - 5) & self.mask)
+            for pos, target in c.pcrel:
+                fmt.pack_into(out, pos, (target - s - pos) & self.mask)
+        except struct.error:
+            raise site_error(self.t, s, op, f"alternative {self.t.alt_name(k)}: relocated "
+                                            "displacement does not fit in 32 bits") from None
+        return bytes(out)
 
     def placed(self, i: int, k: int) -> tuple[bytes, int]:
-        """Site i's bytes for alternative k, and how many of them are body (not padding)."""
-        sh = self.shape_of(i)
-        alt = sh.alts[k]
-        L = sh.site_len
-        if not alt.len:
-            d = self.t.meta.digests[sh.op][k]
-            if d.length:
-                raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: empty, but "
-                                            f"gen-stubs recorded a {d.length}-byte body")
-            return pad_cached(L), 0
-        body = self.body(i, k)
-        name = self.t.alt_name(k)
-        if alt.flags & layout.FLAG_CALL and body[0] != 0xE8:
-            raise site_error(self.t, i, f"alternative {name}: flagged as a call but starts "
-                                        f"with {body[0]:#04x}")
-        if alt.flags & layout.FLAG_JMP and body[0] != 0xE9:
-            raise site_error(self.t, i, f"alternative {name}: flagged as a jmp but starts "
-                                        f"with {body[0]:#04x}")
-        code = self.code_for(i, k, body)
-        if not code.external:
-            return body + pad_cached(L - len(body)), len(body)
-        self.check_targets(i, k, code, body)
-        delta = self.chk.body_addrs(k)[i] - self.chk.site_addrs[i]
-        try:
-            new = fixups.relocate(code, body, delta, L, bits=self.bits)
-        except fixups.FixupError as exc:
-            raise site_error(self.t, i, f"alternative {name}: {exc}") from None
-        return new + pad_cached(L - len(new)), len(new)
+        """Site i's bytes for alternative k, and how many of them are the copy (all)."""
+        b = self.site_bytes(i, k)
+        return b, len(b)
 
     # -- the hot loop ----------------------------------------------------------------------
 
-    def groups(self) -> dict[bytes, list[int]]:
-        """Record indices by shape key (computed once: patch applies twice)."""
-        if self._groups is None:
-            groups: dict[bytes, list[int]] = {}
-            for i, key in enumerate(self.chk.keys()):
-                g = groups.get(key)
-                if g is None:
-                    groups[key] = [i]
-                else:
-                    g.append(i)
-            self._groups = groups
-        return self._groups
-
     def apply(self, out, per_op: tuple[int, ...],  # type: ignore[no-untyped-def]
-              current: tuple[int, ...] | None = None) -> dict[bytes, int]:
+              current: tuple[int, ...] | None = None) -> dict[int, int]:
         """Write every site's bytes for the selection into `out` (a copy of the file).
 
         With `current` (the image's state record), every site must first hold the
         bytes that selection implies, or NotRecognised is raised naming it: the
         check runs in the same pass as the writes (`out` is a temporary copy, so
-        a refusal leaves nothing behind). Sites are handled shape by shape, so the
-        per-shape decisions are made once and the inner loops stay small. Returns
-        the effective alternative chosen for every record shape.
+        a refusal leaves nothing behind). Returns the alternative each op's sites got.
         """
-        plans: dict[bytes, tuple] = {}
-        view = memoryview(out)
-        try:
-            for key, idxs in self.groups().items():
-                p = plans[key] = plan_shape(self, idxs[0], key, per_op)
-                expect = NO_CHECK
-                if current is not None:
-                    cur = plan_shape(self, idxs[0], key, current)
-                    expect = expectation(cur)
-                    if expect[0] == CHECK_SLOW:
-                        bad = check_group(self, cur, idxs)
-                        if bad is not None:
-                            raise NotRecognised(bad, cur[1])
-                self._write_group(out, view, p, idxs, expect)
-        finally:
-            view.release()
-        return {key: p[1] for key, p in plans.items()}
-
-    def _put(self, out, at: int, value: int) -> None:  # type: ignore[no-untyped-def]
-        """A rel32 field; on i386 a displacement wraps around the 4 GiB space."""
-        try:
-            I32.pack_into(out, at, value)
-        except struct.error:
-            if self.bits != 32:
-                raise
-            I32.pack_into(out, at, fixups.wrap32(value))
-
-    def _write_group(self, out, view: memoryview, p: tuple, idxs: list[int],  # type: ignore[no-untyped-def]
-                     expect: tuple) -> None:
         chk = self.chk
-        img = self.img
-        sites = chk.site_addrs
-        src = img.data
+        eff: dict[int, int] = {}
+        index = _Index(chk)
+        for op, addrs in chk.groups.items():
+            sh = chk.shapes[op]
+            k = eff[op] = effective(sh, per_op[op])
+            cur = None if current is None else effective(sh, current[op])
+            self._op_group(out, op, addrs, k, cur, index)
+        for op, (addrs, gens, yeses) in chk.branch_groups.items():
+            sh = chk.shapes[op]
+            k = eff[op] = effective(sh, per_op[op])
+            cur = None if current is None else effective(sh, current[op])
+            self._branch_group(out, op, addrs, gens, yeses, k, cur, index)
+        return eff
+
+    def _offsets(self, addrs: list[int], L: int) -> tuple[int, list[int] | None]:
+        """(vaddr - file offset) when one segment holds every site, else each offset."""
+        seg = self.chk.exec_seg
+        if seg is not None:
+            return seg.vaddr - seg.offset, None
+        offs = []
+        for s in addrs:
+            so = self.img.offset_of(s, L)
+            assert so is not None  # validated by check_records
+            offs.append(so)
+        return 0, offs
+
+    def _op_group(self, out, op: int, addrs: list[int], k: int,  # type: ignore[no-untyped-def]
+                  cur: int | None, index: _Index) -> None:
+        new = _Template(self.copy(op, k), self.wraps)
+        old = _Template(self.copy(op, cur), self.wraps) if cur is not None else None
+        L = len(new.fin)
+        sd, offs = self._offsets(addrs, L)
+        if offs is not None or not new.single or (old is not None and not old.single):
+            self._slow_group(out, op, addrs, k, cur, index)
+            return
+        src = self.img.data
         starts = starts_with(src)
-        seg = chk.exec_seg
-        # Validation found the one segment holding all sites (and, per alternative,
-        # all bodies) in the usual case: then a subtraction maps vaddr to file offset.
-        one_seg = seg is not None
-        sdelta = seg.vaddr - seg.offset if seg is not None else 0
-        pack_i32 = I32.pack_into
-        unpack_i32 = I32.unpack_from
-        offset_of = img.offset_of
-        wraps = self.bits == 32  # i386 displacements wrap around the 4 GiB space
-        mode, k, blist, bdelta, L, fin, x, y, z = p
-        cm, chead, clo, ctail, cpos, cend, kc = expect
-        if cm == CHECK_SLOW:
-            cm = CHECK_NONE  # checked before the writes
-        i = -1
+        fin, npos, nc = new.fin, new.pos, new.c
+        pack = new.fmt.pack_into
+        m = self.mask
+        s = addrs[0] if addrs else 0
         try:
-            if mode == EMPTY:
-                for i in idxs:
-                    s = sites[i]
-                    so = s - sdelta if one_seg else offset_of(s, L)
-                    if cm and (not starts(chead, so) if cm == CHECK_FIN else
-                               unpack_i32(src, so + cpos)[0] + s != clo
-                               or not starts(chead, so) or not starts(ctail, so + cend)):
-                        raise NotRecognised(i, kc)
-                    view[so:so + L] = fin
+            if old is None:
+                if npos is None:
+                    for s in addrs:
+                        so = s - sd
+                        out[so:so + L] = fin
+                else:
+                    for s in addrs:
+                        so = s - sd
+                        out[so:so + L] = fin
+                        pack(out, so + npos, (nc - s) & m)
                 return
-            if one_seg and bdelta is not None and (
-                    mode == STATIC or mode == REL32 and z[1] == SAME_TARGET):
-                # Every faithful copy of this body gives the site the same bytes (and,
-                # for a call, the same target): the site gets those of the copy the
-                # plan checked against the digest and the header's records, and each
-                # other copy must equal it (else the general path, which refuses it).
-                static = mode == STATIC
-                pos, lo = (-1, 0) if static else (z[0], z[2])
-                end = pos + 4
-                fast_head = cm == CHECK_TARGET and len(chead) == 1 and not ctail
-                hb = chead[0] if fast_head else 0
-                for i in idxs:
-                    s = sites[i]
-                    so = s - sdelta
-                    if fast_head:
-                        if src[so] != hb or unpack_i32(src, so + cpos)[0] + s != clo:
-                            raise NotRecognised(i, kc)
-                    elif cm and (not starts(chead, so) if cm == CHECK_FIN else
-                                 unpack_i32(src, so + cpos)[0] + s != clo
-                                 or not starts(chead, so) or not starts(ctail, so + cend)):
-                        raise NotRecognised(i, kc)
-                    b = blist[i]
-                    bo = b - bdelta
-                    if static:
-                        if not starts(x, bo):
-                            view[so:so + L] = self.site_bytes(i, k)
-                            continue
-                    elif unpack_i32(src, bo + pos)[0] + b != lo or not starts(x, bo) \
-                            or not starts(y, bo + end):
-                        view[so:so + L] = self.site_bytes(i, k)
-                        continue
-                    view[so:so + L] = fin
-                    if not static:
-                        try:
-                            pack_i32(out, so + pos, lo - s)
-                        except struct.error:
-                            self._put(out, so + pos, lo - s)
+            unpack = old.fmt.unpack_from
+            cfin, cpos, cc, chead, ctail = old.fin, old.pos, old.c, old.head, old.tail
+            if cpos is None:
+                for s in addrs:
+                    so = s - sd
+                    if not starts(cfin, so):
+                        raise NotRecognised(index.of(s), cur)
+                    out[so:so + L] = fin
+                    if npos is not None:
+                        pack(out, so + npos, (nc - s) & m)
                 return
-            if mode == REL32 and one_seg and bdelta is not None:
-                pos, how, lo, hi = z
-                px, py = x, y
-                end = pos + 4
-                for i in idxs:
-                    s = sites[i]
-                    if cm and (not starts(chead, s - sdelta) if cm == CHECK_FIN else
-                               unpack_i32(src, s - sdelta + cpos)[0] + s != clo
-                               or not starts(chead, s - sdelta)
-                               or not starts(ctail, s - sdelta + cend)):
-                        raise NotRecognised(i, kc)
-                    b = blist[i]
-                    bo = b - bdelta
-                    field = unpack_i32(src, bo + pos)[0]
-                    got = field + b
-                    if starts(px, bo) and starts(py, bo + end) \
-                            and (got == lo if how == SAME_TARGET else
-                                 field == lo if how == SAME_FIELD else lo <= got < hi):
-                        so = s - sdelta
-                        view[so:so + L] = fin
-                        try:
-                            pack_i32(out, so + pos, got - s)
-                        except struct.error:
-                            if not wraps:
-                                raise
-                            pack_i32(out, so + pos, fixups.wrap32(got - s))
-                    else:
-                        so = s - sdelta
-                        view[so:so + L] = self.site_bytes(i, k)
+            cend = cpos + 4
+            if npos is None:
+                for s in addrs:
+                    so = s - sd
+                    if unpack(src, so + cpos)[0] != (cc - s) & m or not starts(chead, so) \
+                            or not starts(ctail, so + cend):
+                        raise NotRecognised(index.of(s), cur)
+                    out[so:so + L] = fin
                 return
-            for i in idxs:
-                s = sites[i]
-                so = s - sdelta if one_seg else offset_of(s, L)
-                if cm and (not starts(chead, so) if cm == CHECK_FIN else
-                           unpack_i32(src, so + cpos)[0] + s != clo
-                           or not starts(chead, so) or not starts(ctail, so + cend)):
-                    raise NotRecognised(i, kc)
-                b = blist[i]
-                bo = b - bdelta if bdelta is not None else offset_of(b, 1)
-                if mode == STATIC:
-                    if starts(x, bo):
-                        view[so:so + L] = fin
-                        continue
-                elif mode == REL32:
-                    pos, how, lo, hi = z
-                    field = unpack_i32(src, bo + pos)[0]
-                    got = field + b
-                    if starts(x, bo) and starts(y, bo + pos + 4) \
-                            and (got == lo if how == SAME_TARGET else
-                                 field == lo if how == SAME_FIELD else lo <= got < hi):
-                        view[so:so + L] = fin
-                        value = got - s
-                        try:
-                            pack_i32(out, so + pos, value)
-                        except struct.error:
-                            if not wraps:
-                                raise
-                            pack_i32(out, so + pos, fixups.wrap32(value))
-                        continue
-                elif mode == FIELDS:
-                    d = b - s
-                    if (d > z or -d > z) and _fields_match(starts, x, bo):
-                        ok = True
-                        values = []
-                        for _n, old_pos, unpack, _p, _c, w in y:
-                            v = unpack(src, bo + old_pos)[0]
-                            if w is not None and v + b != w:
-                                ok = False
-                                break
-                            values.append(v)
-                        if ok:
-                            view[so:so + L] = fin
-                            for v, (new_pos, _o, _u, pack, const, _w) in zip(values, y,
-                                                                               strict=True):
-                                try:
-                                    pack(out, so + new_pos, v + d + const)
-                                except struct.error:
-                                    if not wraps:
-                                        raise
-                                    pack(out, so + new_pos, fixups.wrap32(v + d + const))
-                            continue
-                view[so:so + L] = self.site_bytes(i, k)
+            for s in addrs:
+                so = s - sd
+                if unpack(src, so + cpos)[0] != (cc - s) & m or not starts(chead, so) \
+                        or not starts(ctail, so + cend):
+                    raise NotRecognised(index.of(s), cur)
+                out[so:so + L] = fin
+                pack(out, so + npos, (nc - s) & m)
         except struct.error:
-            raise site_error(self.t, i, f"alternative {self.t.alt_name(k)}: relocated "
-                                        "displacement does not fit in 32 bits") from None
+            raise site_error(self.t, s, op, f"alternative {self.t.alt_name(k)}: relocated "
+                                            "displacement does not fit in 32 bits") from None
+
+    def _slow_group(self, out, op: int, addrs: list[int], k: int,  # type: ignore[no-untyped-def]
+                    cur: int | None, index: _Index) -> None:
+        """Site by site through `site_bytes`: several fields, or sites in several segments."""
+        src = self.img.data
+        for s in addrs:
+            i = index.of(s)
+            L = self.chk.shapes[op].site_len
+            so = self.img.offset_of(s, L)
+            assert so is not None
+            if cur is not None and src[so:so + L] != self.site_bytes(i, cur):
+                raise NotRecognised(i, cur)
+            out[so:so + L] = self.site_bytes(i, k)
+
+    def _branch_group(self, out, op: int, addrs: list[int], gens: list[int],  # type: ignore[no-untyped-def]
+                      yeses: list[int], k: int, cur: int | None, index: _Index) -> None:
+        """Branch sites: `jmp` to the generic test or the true label, or a 5-byte NOP."""
+        sd, offs = self._offsets(addrs, 5)
+        src = self.img.data
+        m = self.mask
+        fmt = struct.Struct("<I" if self.wraps else "<i")
+        pack, unpack = fmt.pack_into, fmt.unpack_from
+        new = self.copy(op, k)
+        old = self.copy(op, cur) if cur is not None else None
+        for j, s in enumerate(addrs):
+            so = s - sd if offs is None else offs[j]
+            if old is not None:
+                if old.per_site:
+                    want = (gens[j] if cur == 0 else yeses[j]) - s - 5
+                    ok = src[so] == 0xE9 and unpack(src, so + 1)[0] == want & m
+                else:
+                    ok = src[so:so + 5] == old.code
+                if not ok:
+                    raise NotRecognised(index.of(s), cur)
+            if new.per_site:
+                out[so] = 0xE9
+                try:
+                    pack(out, so + 1, ((gens[j] if k == 0 else yeses[j]) - s - 5) & m)
+                except struct.error:
+                    raise site_error(self.t, s, op, "jump does not fit in 32 bits") from None
+            else:
+                out[so:so + 5] = new.code
+
+
+class _Index:
+    """Site address -> site number, built only when a refusal must name a site."""
+
+    def __init__(self, chk: Checked) -> None:
+        self.chk = chk
+        self._map: dict[int, int] | None = None
+
+    def of(self, addr: int) -> int:
+        if self._map is None:
+            self._map = {a: i for i, a in enumerate(self.chk.site_addrs)}
+        return self._map[addr]

@@ -1,33 +1,29 @@
 """Find, parse and validate the linkfix tables of a linked image (docs/FORMAT.md).
 
 Every record is validated before anything is written. An image may hold a
-million sites, so the checks run over whole columns of the sites section
-(strided memoryviews, `map`, `min`/`max`) instead of a Python loop per record,
-and over the few distinct record *shapes* (the record with its address fields
-zeroed: op, site_len, kind and every alternative's len/flags) instead of every
-record. Only a failing check falls back to a per-record scan, to name the
-first offending site.
+million sites, so the checks run over whole columns of the record tables
+(strided memoryviews, `bytes.translate`, `map`, `min`/`max`) instead of a
+Python loop per record; only a failing check falls back to a scan that names
+the first offending site. The stored copies, one per op and alternative, are
+checked in copies.py.
 """
 
 from __future__ import annotations
 
 import bisect
 import operator
-import re
-import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import compress, islice
-from operator import itemgetter
+from itertools import compress, islice, repeat
 
-from linkfix import header, layout
+from linkfix import copies, header, layout
 from linkfix.errors import BadInput
 from linkfix.image import Image, Segment
 
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 META_START, META_END = "__linkfix_meta_start", "__linkfix_meta_end"
 SITES_START, SITES_END = "__linkfix_sites_start", "__linkfix_sites_end"
+BRANCHES_START, BRANCHES_END = "__linkfix_branches_start", "__linkfix_branches_end"
 REPL_START, REPL_END = "__linkfix_repl_start", "__linkfix_repl_end"
 
 
@@ -52,7 +48,7 @@ class Alt:
 
 @dataclass(frozen=True)
 class Shape:
-    """What a record says apart from its addresses."""
+    """What every site of one op shares: its length, kind and alternatives."""
 
     op: int
     site_len: int
@@ -69,11 +65,20 @@ class Tables:
     meta: layout.Meta
     meta_region: Region
     sites_region: Region
+    branches_region: Region
     repl_region: Region | None
-    n_sites: int
-    rec_size: int
-    site_struct: struct.Struct
-    _sites_raw: bytes | None = None
+
+    @property
+    def n_op_sites(self) -> int:
+        return self.sites_region.size // layout.SITE_REC_SIZE
+
+    @property
+    def n_branch_sites(self) -> int:
+        return self.branches_region.size // layout.BRANCH_REC_SIZE
+
+    @property
+    def n_sites(self) -> int:
+        return self.n_op_sites + self.n_branch_sites
 
     @property
     def n_backends(self) -> int:
@@ -89,29 +94,8 @@ class Tables:
     def alt_name(self, k: int) -> str:
         return "generic" if k == 0 else self.meta.backends[k - 1]
 
-    def sites_bytes(self) -> bytes:
-        if self._sites_raw is None:
-            r = self.sites_region
-            self._sites_raw = self.image.data[r.offset:r.offset + r.size]
-        return self._sites_raw
-
-    def record_vaddr(self, i: int) -> int:
-        return self.sites_region.vaddr + i * self.rec_size
-
-    def record(self, i: int) -> tuple[int, ...]:
-        return self.site_struct.unpack_from(self.image.data,
-                                            self.sites_region.offset + i * self.rec_size)
-
-    def site_addr(self, i: int) -> int:
-        return self.record_vaddr(i) + self.record(i)[0]
-
-    def body_addr(self, i: int, k: int) -> int:
-        return self.record_vaddr(i) + 8 + 8 * k + self.record(i)[4 + 4 * k]
-
-    def shape(self, i: int) -> Shape:
-        rec = self.record(i)
-        alts = tuple(Alt(rec[5 + 4 * k], rec[6 + 4 * k]) for k in range(self.n_alts))
-        return Shape(rec[1], rec[2], rec[3], alts)
+    def region_bytes(self, r: Region) -> bytes:
+        return bytes(self.image.data[r.offset:r.offset + r.size])
 
 
 # -- locating and parsing --------------------------------------------------------------------
@@ -166,44 +150,48 @@ def load(img: Image) -> Tables:
     b = meta.bounds
     assert b is not None
     sites_r = _region(img, layout.SITES_SECTION, SITES_START, SITES_END, True, (b[0], b[1]))
+    branches_r = _region(img, layout.BRANCHES_SECTION, BRANCHES_START, BRANCHES_END, False,
+                         (b[2], b[3])) or Region(0, 0, 0)
     assert sites_r is not None
-    repl_r = _region(img, layout.REPL_SECTION, REPL_START, REPL_END, False, (b[2], b[3]))
-    rec_size = layout.site_rec_size(len(meta.backends))
-    if sites_r.size % rec_size:
-        raise BadInput(img.path, f"{layout.SITES_SECTION}: {sites_r.size} bytes is not a "
-                                 f"multiple of the {rec_size}-byte record")
-    if sites_r.vaddr % 4:
-        raise BadInput(img.path, f"{layout.SITES_SECTION}: not 4-byte aligned")
-    _check_table_placement(img, meta_r, sites_r, repl_r)
+    repl_r = _region(img, layout.REPL_SECTION, REPL_START, REPL_END, False, (b[4], b[5]))
+    for name, r, size in ((layout.SITES_SECTION, sites_r, layout.SITE_REC_SIZE),
+                          (layout.BRANCHES_SECTION, branches_r, layout.BRANCH_REC_SIZE)):
+        if r.size % size:
+            raise BadInput(img.path, f"{name}: {r.size} bytes is not a multiple of the "
+                                     f"{size}-byte record")
+        if r.vaddr % 4:
+            raise BadInput(img.path, f"{name}: not 4-byte aligned")
+    _check_table_placement(img, meta_r, sites_r, repl_r, branches_r)
     for name, r in ((layout.META_SECTION, meta_r), (layout.SITES_SECTION, sites_r),
-                    (layout.REPL_SECTION, repl_r)):
+                    (layout.BRANCHES_SECTION, branches_r), (layout.REPL_SECTION, repl_r)):
         if r is None or not r.size:
             continue
         for what, lo, hi in img.ambiguous_ranges:
             if r.vaddr < hi and lo < r.vaddr + r.size:
                 raise BadInput(img.path, f"{name} at {r.vaddr:#x} lies where {what}")
-    return Tables(img, meta, meta_r, sites_r, repl_r, sites_r.size // rec_size, rec_size,
-                  layout.site_struct(len(meta.backends)))
+    return Tables(img, meta, meta_r, sites_r, branches_r, repl_r)
 
 
-def table_ranges(meta_r: Region, sites_r: Region, repl_r: Region | None
-                 ) -> list[tuple[str, int, int]]:
+def table_ranges(meta_r: Region, sites_r: Region, repl_r: Region | None,
+                 branches_r: Region | None = None) -> list[tuple[str, int, int]]:
     """(name, file offset, size) of every non-empty table."""
     out = [(layout.META_SECTION, meta_r.offset, meta_r.size),
            (layout.SITES_SECTION, sites_r.offset, sites_r.size)]
+    if branches_r is not None:
+        out.append((layout.BRANCHES_SECTION, branches_r.offset, branches_r.size))
     if repl_r is not None:
         out.append((layout.REPL_SECTION, repl_r.offset, repl_r.size))
     return [r for r in out if r[2]]
 
 
 def _check_table_placement(img: Image, meta_r: Region, sites_r: Region,
-                           repl_r: Region | None) -> None:
+                           repl_r: Region | None, branches_r: Region) -> None:
     """The tables do not overlap each other, the ELF headers or unloaded sections.
 
     `patch` writes the state record in .linkfix.meta while reading the other
     tables: overlapping structures would make the output disagree with itself.
     """
-    mine = table_ranges(meta_r, sites_r, repl_r)
+    mine = table_ranges(meta_r, sites_r, repl_r, branches_r)
     for j, (name, off, size) in enumerate(mine):
         for other, o_off, o_size in mine[j + 1:] + img.guarded_ranges():
             if off < o_off + o_size and o_off < off + size:
@@ -216,197 +204,278 @@ def _check_table_placement(img: Image, meta_r: Region, sites_r: Region,
 
 @dataclass
 class Checked:
-    """The result of validating every record, reused by splicing."""
+    """The result of validating every record and copy, reused by splicing.
+
+    Sites are numbered op records first, then branch records, each in table order.
+    """
 
     t: Tables
-    shapes: dict[bytes, Shape]  # shape key -> decoded shape
-    shape_key: struct.Struct  # unpacks one shape key per record from `zeroed`
-    zeroed: bytearray  # the sites section with the body address fields zeroed
-    site_addrs: list[int] = field(default_factory=list)  # per record
+    shapes: dict[int, Shape]  # op -> what all its sites share
+    copies: dict[tuple[int, int], copies.Copy]  # (op, k) -> the checked copy
+    site_addrs: list[int] = field(default_factory=list)  # per site
+    site_ops: Sequence[int] = ()  # per site
+    groups: dict[int, list[int]] = field(default_factory=dict)  # op -> its op sites' addresses
+    # branch op -> (sites, generic targets, "true" targets)
+    branch_groups: dict[int, tuple[list[int], list[int], list[int]]] = \
+        field(default_factory=dict)
     exec_seg: Segment | None = None  # the one executable segment holding every site
-    body_segs: list[Segment | None] = field(default_factory=list)  # per k, when all in one
-    _bodies: dict[int, list[int]] = field(default_factory=dict)
 
-    def keys(self) -> Iterator[bytes]:
-        """The shape key of every record, in order."""
-        return map(itemgetter(0), self.shape_key.iter_unpack(self.zeroed))
+    def shape_of(self, i: int) -> Shape:
+        return self.shapes[self.site_ops[i]]
 
-    def key_of(self, i: int) -> bytes:
-        rs = self.t.rec_size
-        return bytes(self.zeroed[i * rs + 4:(i + 1) * rs])
-
-    def present_by_op(self) -> dict[int, int]:
-        """Op -> bit mask of the alternatives its sites carry."""
-        out: dict[int, int] = {}
-        for sh in self.shapes.values():
-            out[sh.op] = out.get(sh.op, 0) | sh.present_mask()
+    def shape_counts(self) -> Counter[int]:
+        out: Counter[int] = Counter()
+        for op, addrs in self.groups.items():
+            out[op] += len(addrs)
+        for op, (addrs, _g, _y) in self.branch_groups.items():
+            out[op] += len(addrs)
         return out
 
-    def shape_counts(self) -> Counter[bytes]:
-        return Counter(self.keys())
+    def present_by_op(self) -> dict[int, int]:
+        """Op -> bit mask of the alternatives its sites carry (ops that have sites)."""
+        return {op: self.shapes[op].present_mask() for op in self.shape_counts()}
 
-    def body_addrs(self, k: int) -> list[int]:
-        """Address of alternative k's body for every record (meaningless when len 0)."""
-        got = self._bodies.get(k)
-        if got is None:
-            got = self._bodies[k] = _column_addrs(self.t, 2 + 2 * k, 8 + 8 * k)
-        return got
-
-
-def _column_addrs(t: Tables, word: int, field_off: int) -> list[int]:
-    """field address + value, for the self-relative s32 at int `word` of every record."""
-    n, rs = t.n_sites, t.rec_size
-    col = memoryview(t.sites_bytes()).cast("i")[word::rs // 4]
-    start = t.sites_region.vaddr + field_off
-    return list(map(operator.add, col, range(start, start + n * rs, rs)))
+    def branch_targets(self, i: int) -> tuple[int, int]:
+        """(generic, true) targets of site i, a branch site."""
+        j = i - self.t.n_op_sites
+        v = self.t.branches_region.vaddr + j * layout.BRANCH_REC_SIZE
+        _s, g, y, _op, _n, _k = layout.BRANCH.unpack_from(self.t.region_bytes(
+            self.t.branches_region), j * layout.BRANCH_REC_SIZE)
+        return v + 4 + g, v + 8 + y
 
 
-def site_error(t: Tables, i: int, msg: str) -> BadInput:
-    rec = t.record(i)
-    return BadInput(t.image.path, f"site {t.record_vaddr(i) + rec[0]:#x} "
-                                  f"({t.op_name(rec[1])}): {msg}")
+def site_error(t: Tables, addr: int, op: int, msg: str) -> BadInput:
+    return BadInput(t.image.path, f"site {addr:#x} ({t.op_name(op)}): {msg}")
+
+
+def _shapes(t: Tables) -> dict[int, Shape]:
+    meta = t.meta
+    out = {}
+    for op in range(len(meta.ops)):
+        alts = tuple(Alt(meta.alt(op, k).digest.length, meta.alt(op, k).flags)
+                     for k in range(t.n_alts))
+        kind = layout.KIND_OP if op < meta.n_real_ops else layout.KIND_BRANCH
+        out[op] = Shape(op, alts[0].len, kind, alts)
+    return out
 
 
 def check_records(t: Tables) -> Checked:
-    n, rs, na = t.n_sites, t.rec_size, t.n_alts
-    raw = t.sites_bytes()
-    mv = memoryview(raw)
-    ints = mv.cast("i")
-    rw = rs // 4
-
-    # Shapes: zero the body address fields with strided slice assignments (C speed);
-    # the key skips the site field.
-    zeroed = bytearray(raw)
-    blank = bytes(n)
-    for fld in range(8, 8 * (na + 1), 8):
-        for b in range(4):
-            zeroed[fld + b::rs] = blank
-    shape_key = struct.Struct(f"4x{rs - 4}s")
-    keys = set(map(itemgetter(0), shape_key.iter_unpack(zeroed)))
-    shapes = {key: _decode_shape(key, na) for key in keys}
-    chk = Checked(t, shapes, shape_key, zeroed)
-    _check_shapes(t, chk)
-
-    chk.site_addrs = sites = _column_addrs(t, 0, 0)
-    chk.exec_seg = _check_site_ranges(t, sites, bytes(mv[6::rs]))
-
-    for k in range(na):
-        col = ints[2 + 2 * k::rw]
-        # An absent alternative must have body 0 (only shapes lacking k can fail).
-        if any(not sh.alts[k].present for sh in shapes.values()):
-            absent = bytes(mv[13 + 8 * k::rs]).translate(_ABSENT)
-            if any(compress(col, absent)):
-                i = next(j for j, (v, a) in enumerate(zip(col, absent, strict=True)) if a and v)
-                raise site_error(t, i, f"alternative {t.alt_name(k)} is absent but has a "
-                                       "body address")
-        chk.body_segs.append(_check_body_ranges(t, k, col, bytes(mv[12 + 8 * k::rs])))
+    img = t.image
+    repl = (t.repl_region.vaddr, t.repl_region.vaddr + t.repl_region.size) \
+        if t.repl_region is not None else None
+    chk = Checked(t, _shapes(t), copies.check_all(img, t.meta, repl))
+    op_sites, op_ops, op_lens = _op_records(t, chk)
+    br_sites, br_ops, gens, yeses = _branch_records(t)
+    chk.site_addrs = op_sites + br_sites
+    chk.site_ops = _Concat(op_ops, br_ops)
+    chk.exec_seg = _check_site_ranges(t, op_sites, op_lens, op_ops, br_sites, br_ops)
+    _check_branch_targets(t, chk, br_sites, br_ops, gens, yeses)
+    chk.groups = _group(op_sites, op_ops)
+    for op, (s_, g_, y_) in _group_branches(br_sites, br_ops, gens, yeses).items():
+        chk.branch_groups[op] = (s_, g_, y_)
     return chk
 
 
-# flags byte -> 1 when bit 0 (present) is clear
-_ABSENT = bytes(0 if f & layout.FLAG_PRESENT else 1 for f in range(256))
+def _op_column(mv: memoryview, at: int, stride: int, n: int) -> bytes | list[int]:
+    """The u16 op field of every record: bytes (C-speed masks) when every op is < 256."""
+    lo, hi = bytes(mv[at::stride]), bytes(mv[at + 1::stride])
+    if hi.count(0) == n:
+        return lo
+    return list(mv[at:].cast("H")[::stride // 2]) if at % 2 == 0 else \
+        [a | b << 8 for a, b in zip(lo, hi, strict=True)]
 
 
-def _decode_shape(key: bytes, na: int) -> Shape:
-    op, site_len, kind = struct.unpack_from("<HBB", key, 0)
-    alts = []
-    for k in range(na):
-        blen, flags, reserved = struct.unpack_from("<BBH", key, 8 + 8 * k)
-        alts.append(Alt(blen, flags | (reserved << 8)))  # reserved bits make flags insane
-    return Shape(op, site_len, kind, tuple(alts))
-
-
-def shape_problem(t: Tables, sh: Shape) -> str | None:
-    """Why a record shape is invalid, or None."""
-    n_ops = len(t.meta.ops)
+def _op_records(t: Tables, chk: Checked) -> tuple[list[int], bytes | list[int], bytes]:
+    """Addresses, ops and lengths of the op site records, validated."""
+    r = t.sites_region
+    n = t.n_op_sites
+    raw = t.region_bytes(r)
+    mv = memoryview(raw)
+    ops = _op_column(mv, 4, 8, n)
+    lens = bytes(mv[6::8])
+    kinds = bytes(mv[7::8])
+    addrs = list(map(operator.add, mv.cast("i")[0::2], range(r.vaddr, r.vaddr + 8 * n, 8))) \
+        if n else []
     n_real = t.meta.n_real_ops
-    if sh.op >= n_ops:
-        return f"op index {sh.op} out of range (n_ops {n_ops})"
-    if sh.kind not in (layout.KIND_OP, layout.KIND_BRANCH):
-        return f"unknown site kind {sh.kind}"
-    if (sh.kind == layout.KIND_BRANCH) != (sh.op >= n_real):
-        return f"site kind {sh.kind} does not match op {t.op_name(sh.op)}"
-    if sh.site_len < 5:
-        return f"site_len {sh.site_len} is less than 5"
-    longest = 5
-    for k, alt in enumerate(sh.alts):
-        name = t.alt_name(k)
-        if alt.flags & ~0x7:
-            return f"alternative {name}: bad flags {alt.flags:#x}"
-        if not alt.present:
-            if alt.flags or alt.len:
-                return f"alternative {name}: flags {alt.flags:#x} / len {alt.len} without " \
-                       "the present bit"
+    want = bytes(chk.shapes[op].site_len for op in range(n_real))
+    bad = None
+    if n and max(ops) >= n_real:
+        bad = next(j for j, op in enumerate(ops) if op >= n_real)
+    elif kinds.count(0) != n:
+        bad = next(j for j, k in enumerate(kinds) if k)
+    elif isinstance(ops, bytes) and lens != ops.translate(want + bytes(256 - n_real)):
+        bad = next(j for j, (op, ln) in enumerate(zip(ops, lens, strict=True))
+                   if ln != want[op])
+    elif not isinstance(ops, bytes) and any(ln != want[op]
+                                            for op, ln in zip(ops, lens, strict=True)):
+        bad = next(j for j, (op, ln) in enumerate(zip(ops, lens, strict=True))
+                   if ln != want[op])
+    if bad is not None:
+        op, ln, kind = ops[bad], lens[bad], kinds[bad]
+        if op >= n_real:
+            msg = f"op index {op} is not an op (n_real_ops {n_real})" if op >= len(
+                t.meta.ops) else f"op {t.op_name(op)} is a branch op in an op site record"
+        elif kind:
+            msg = f"site kind {kind} in {layout.SITES_SECTION} (must be {layout.KIND_OP})"
+        else:
+            msg = f"site_len {ln} where the op's copies are {want[op]} bytes"
+        raise site_error(t, addrs[bad], op, msg)
+    return addrs, ops, lens
+
+
+def _branch_records(t: Tables) -> tuple[list[int], bytes | list[int], list[int], list[int]]:
+    r = t.branches_region
+    n = t.n_branch_sites
+    if not n:
+        return [], [], [], []
+    raw = t.region_bytes(r)
+    mv = memoryview(raw)
+    ints = mv.cast("i")
+    rs = layout.BRANCH_REC_SIZE
+    base = range(r.vaddr, r.vaddr + rs * n, rs)
+    sites = list(map(operator.add, ints[0::4], base))
+    gens = list(map(operator.add, ints[1::4], range(r.vaddr + 4, r.vaddr + 4 + rs * n, rs)))
+    yeses = list(map(operator.add, ints[2::4], range(r.vaddr + 8, r.vaddr + 8 + rs * n, rs)))
+    ops = _op_column(mv, 12, 16, n)
+    lens = bytes(mv[14::16])
+    kinds = bytes(mv[15::16])
+    n_real, n_ops = t.meta.n_real_ops, len(t.meta.ops)
+    if min(ops) < n_real or max(ops) >= n_ops or lens.count(5) != n or \
+            kinds.count(layout.KIND_BRANCH) != n:
+        j = next(j for j in range(n) if not n_real <= ops[j] < n_ops or lens[j] != 5
+                 or kinds[j] != layout.KIND_BRANCH)
+        raise site_error(t, sites[j], ops[j], f"bad branch record (op {ops[j]}, site_len "
+                                              f"{lens[j]}, kind {kinds[j]})")
+    return sites, ops, gens, yeses
+
+
+def _masks(ops: bytes | list[int]) -> dict[int, bytes] | None:
+    """Op -> a 0/1 mask over the records (None: ops too large for a byte column)."""
+    if not isinstance(ops, bytes):
+        return None
+    return {op: ops.translate(bytes(1 if x == op else 0 for x in range(256)))
+            for op in sorted(set(ops))}
+
+
+def _group(addrs: list[int], ops: bytes | list[int]) -> dict[int, list[int]]:
+    """Op -> its sites' addresses, in record order (C-speed masks for up to 256 ops)."""
+    masks = _masks(ops)
+    if masks is not None:
+        return {op: list(compress(addrs, m)) for op, m in masks.items()}
+    groups: dict[int, list[int]] = {}
+    for a, op in zip(addrs, ops, strict=True):
+        groups.setdefault(op, []).append(a)
+    return groups
+
+
+def _group_branches(sites: list[int], ops: bytes | list[int], gens: list[int],
+                    yeses: list[int]) -> dict[int, tuple[list[int], list[int], list[int]]]:
+    masks = _masks(ops)
+    if masks is not None:
+        return {op: (list(compress(sites, m)), list(compress(gens, m)),
+                     list(compress(yeses, m))) for op, m in masks.items()}
+    out: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    for s, op, g, y in zip(sites, ops, gens, yeses, strict=True):
+        if op not in out:
+            out[op] = ([], [], [])
+        a, b, c = out[op]
+        a.append(s)
+        b.append(g)
+        c.append(y)
+    return out
+
+
+def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: list[int],
+                          gens: list[int], yeses: list[int]) -> None:
+    """A branch site's jumps lead into executable code, never into the site itself."""
+    if not sites:
+        return
+    img = t.image
+    seg = chk.exec_seg
+    for targets in (gens, yeses):
+        lo, hi = min(targets), max(targets)
+        if seg is not None and seg.vaddr <= lo and hi < seg.vaddr + seg.filesz:
             continue
-        if alt.flags & layout.FLAG_CALL and alt.flags & layout.FLAG_JMP:
-            return f"alternative {name}: both call and jmp flags"
-        if alt.flags & (layout.FLAG_CALL | layout.FLAG_JMP) and alt.len != 5:
-            return f"alternative {name}: call/jmp body of {alt.len} bytes (must be 5)"
-        if alt.len > sh.site_len:
-            return f"alternative {name}: body of {alt.len} bytes longer than the " \
-                   f"{sh.site_len}-byte site"
-        longest = max(longest, alt.len)
-    if not sh.alts[0].present:
-        return "no generic alternative"
-    if sh.site_len != longest:
-        return f"site_len {sh.site_len} inconsistent with the longest alternative " \
-               f"({longest} bytes)"
-    return None
+        for s, op, x in zip(sites, ops, targets, strict=True):
+            if img.load_for(x, 1, executable=True) is None:
+                raise site_error(t, s, op, f"jumps to {x:#x}, outside the executable segments")
+    inside = [j for j, (s, g, y) in enumerate(zip(sites, gens, yeses, strict=True))
+              if s < g < s + 5 or s < y < s + 5]
+    if inside:
+        j = inside[0]
+        raise site_error(t, sites[j], ops[j], "jumps into the middle of its own site")
 
 
-def _check_shapes(t: Tables, chk: Checked) -> None:
-    shapes = chk.shapes
-    bad = {key: msg for key, sh in shapes.items() if (msg := shape_problem(t, sh)) is not None}
-    if bad:
-        # One pass names the first bad record (a search per bad shape would be
-        # quadratic in a table whose every record is corrupt differently).
-        i, key = next((i, key) for i, key in enumerate(chk.keys()) if key in bad)
-        raise site_error(t, i, bad[key])
-    # All sites of one op agree on length and on which alternatives exist.
-    per_op: dict[int, set[tuple[int, int]]] = {}
-    for sh in shapes.values():
-        per_op.setdefault(sh.op, set()).add((sh.site_len, sh.present_mask()))
-    mixed = {op for op, kinds in per_op.items() if len(kinds) > 1}
-    if mixed:
-        first_of: dict[int, Shape] = {}
-        for i, key in enumerate(chk.keys()):
-            sh = shapes[key]
-            if sh.op not in mixed:
-                continue
-            seen = first_of.setdefault(sh.op, sh)
-            if (seen.site_len, seen.present_mask()) != (sh.site_len, sh.present_mask()):
-                raise site_error(t, i, "site_len or set of alternatives differs from the "
-                                       f"op's other sites ({sh.site_len} vs {seen.site_len} "
-                                       "bytes)")
+class _Concat:
+    """Two columns read as one (op sites, then branch sites) without copying them."""
+
+    def __init__(self, a: bytes | list[int], b: bytes | list[int]) -> None:
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i: int) -> int:
+        n = len(self.a)
+        return self.a[i] if i < n else self.b[i - n]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from self.a
+        yield from self.b
 
 
-def _check_site_ranges(t: Tables, sites: list[int], lens: bytes) -> Segment | None:
+def _sorted_disjoint(sites: list[int], lens: bytes | list[int]) -> bool:
+    return all(map(operator.le, map(operator.add, sites, lens), islice(sites, 1, None)))
+
+
+def _check_site_ranges(t: Tables, op_sites: list[int], op_lens: bytes, op_ops: bytes | list[int],
+                       br_sites: list[int], br_ops: bytes | list[int]) -> Segment | None:
     """Every site inside an executable PT_LOAD's file bytes; no two sites overlap.
 
     Returns the executable segment holding all sites when there is one (the
     common case, which lets the hot loop translate addresses with one subtraction).
+    Op and branch records are each in address order as linked; the branch sites
+    are then placed among the op sites by bisection.
     """
     img = t.image
+    sites = op_sites + br_sites
     if not sites:
         return None
-    if all(map(operator.le, map(operator.add, sites, lens), islice(sites, 1, None))):
-        lo, hi = sites[0], sites[-1] + lens[-1]  # sorted and disjoint
-    else:
+    br_lens = bytes([5]) * len(br_sites)
+    ok = _sorted_disjoint(op_sites, op_lens) and _sorted_disjoint(br_sites, br_lens)
+    if ok and br_sites and op_sites:
+        # at[j]: op sites before branch site j; with a sentinel in front, index at[j]
+        # is the op site before it and at[j] + 1 the one after.
+        at = list(map(bisect.bisect_right, repeat(op_sites), br_sites))
+        before = [-(1 << 64), *op_sites, 1 << 64]
+        blens = b"\0" + op_lens
+        ok = all(map(operator.le, map(operator.add, map(before.__getitem__, at),
+                                      map(blens.__getitem__, at)), br_sites)) and \
+            all(map(operator.le, map(operator.add, br_sites, repeat(5)),
+                    map(before.__getitem__, map(operator.add, at, repeat(1)))))
+    lens = op_lens + br_lens
+    ops = _Concat(op_ops, br_ops)
+    if not ok:
         order = sorted(range(len(sites)), key=sites.__getitem__)
         for a, b in zip(order, order[1:], strict=False):
             if sites[a] + lens[a] > sites[b]:
-                raise site_error(t, b, f"overlaps the site at {sites[a]:#x}")
-        lo, hi = sites[order[0]], sites[order[-1]] + lens[order[-1]]
+                raise site_error(t, sites[b], ops[b], f"overlaps the site at {sites[a]:#x}")
+    lo = min(op_sites[:1] + br_sites[:1])
+    hi = max(op_sites[-1] + op_lens[-1] if op_sites else 0,
+             br_sites[-1] + 5 if br_sites else 0)
+    if not ok:
+        lo, hi = min(sites), max(map(operator.add, sites, lens))
     seg = img.load_for(lo, hi - lo, executable=True)
     if seg is None:
-        for i, (s, n) in enumerate(zip(sites, lens, strict=True)):
+        for s, n, op in zip(sites, lens, ops, strict=True):
             if img.load_for(s, n, executable=True) is None:
-                raise site_error(t, i, _where(img, s, n))
-    _check_sites_clear(t, sites, lens, lo, hi)
+                raise site_error(t, s, op, _where(img, s, n))
+    _check_sites_clear(t, sites, lens, ops, lo, hi)
     return seg
 
 
-def _check_sites_clear(t: Tables, sites: list[int], lens: bytes, lo: int, hi: int) -> None:
+def _check_sites_clear(t: Tables, sites: list[int], lens: bytes, ops: _Concat, lo: int,
+                       hi: int) -> None:
     """No site overlaps the tables, the ELF headers or an unloaded section.
 
     Checked on file bytes (a range may be mapped by several segments): patching
@@ -414,7 +483,8 @@ def _check_sites_clear(t: Tables, sites: list[int], lens: bytes, lo: int, hi: in
     be disjoint; the few guarded ranges are located among them by bisection.
     """
     img = t.image
-    guarded = table_ranges(t.meta_region, t.sites_region, t.repl_region) + img.guarded_ranges()
+    guarded = table_ranges(t.meta_region, t.sites_region, t.repl_region,
+                           t.branches_region) + img.guarded_ranges()
     hits = [(what, a, b) for what, off, size in guarded
             for a, b in img.file_to_vaddr_ranges(off, size) if a < hi and lo < b]
     hits += [(what, a, b) for what, a, b in img.ambiguous_ranges if a < hi and lo < b]
@@ -428,7 +498,7 @@ def _check_sites_clear(t: Tables, sites: list[int], lens: bytes, lo: int, hi: in
             if 0 <= c < len(order):
                 i = order[c]
                 if sites[i] < b and a < sites[i] + lens[i]:
-                    raise site_error(t, i, f"lies in {what}")
+                    raise site_error(t, sites[i], ops[i], f"lies in {what}")
 
 
 def _where(img: Image, vaddr: int, size: int) -> str:
@@ -441,64 +511,3 @@ def _where(img: Image, vaddr: int, size: int) -> str:
     return "outside every PT_LOAD segment"
 
 
-_BLOCK = 4096
-
-
-def _check_body_ranges(t: Tables, k: int, col: memoryview, blens: bytes) -> Segment | None:
-    """Every non-empty body of alternative k inside a PT_LOAD's file bytes and .linkfix.repl.
-
-    Body i is at start + i*rec_size + col[i]. Per block of records, the
-    column's min and max (C speed, no per-record arithmetic) bound every body
-    address in the block; only a block whose bounds leave the segment or the
-    table is checked record by record. Returns the segment holding every body
-    when one does. A body outside .linkfix.repl (FORMAT.md) could overlap a site
-    or the state record, which `patch` rewrites.
-    """
-    img = t.image
-    n, rs = t.n_sites, t.rec_size
-    start = t.sites_region.vaddr + 8 + 8 * k
-    if not any(blens):
-        return None
-    r = t.repl_region
-    lo_r, hi_r = (r.vaddr, r.vaddr + r.size) if r is not None else (0, 0)
-    seg: Segment | None = None  # the segment every body seen so far lies in
-    single = True
-
-    def inside(g: Segment | None, lo: int, hi: int) -> bool:
-        return g is not None and g.vaddr <= lo and hi <= g.vaddr + g.filesz
-
-    for lo_i in range(0, n, _BLOCK):
-        hi_i = min(n, lo_i + _BLOCK)
-        lens = blens[lo_i:hi_i]
-        if not any(lens):
-            continue
-        block = col[lo_i:hi_i].tolist()
-        if not all(lens):
-            block = list(compress(block, lens))  # absent and empty bodies have no bytes
-        lo = start + lo_i * rs + min(block)
-        hi = start + (hi_i - 1) * rs + max(block) + 255
-        in_repl = lo_r <= lo and hi <= hi_r
-        if in_repl and inside(seg, lo, hi):
-            continue
-        if in_repl and seg is None:
-            seg = img.load_for(lo, hi - lo)
-            if seg is not None:
-                continue
-        for i in range(lo_i, hi_i):
-            a, bl = start + i * rs + col[i], blens[i]
-            if not bl:
-                continue
-            if not inside(seg, a, a + bl):
-                found = img.load_for(a, bl)
-                if found is None:
-                    raise site_error(t, i, f"alternative {t.alt_name(k)}: body at {a:#x} "
-                                           f"({bl} bytes) is not in the file bytes of any "
-                                           "PT_LOAD")
-                single = single and seg is None
-                seg = found
-            if not lo_r <= a <= hi_r - bl:
-                where = f"outside {layout.REPL_SECTION}" if r is not None else \
-                    f"and the image has no {layout.REPL_SECTION}"
-                raise site_error(t, i, f"alternative {t.alt_name(k)}: body at {a:#x} "
-                                       f"({bl} bytes) {where}")
-    return seg if single else None

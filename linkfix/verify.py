@@ -13,8 +13,7 @@ import sys
 
 from linkfix import image, recognise, report, selection, tables
 from linkfix.errors import VerifyMismatch
-from linkfix.shapeplan import effective
-from linkfix.splice import Splicer
+from linkfix.splice import Splicer, effective
 
 
 def run(args) -> int:  # noqa: ANN001 - argparse namespace

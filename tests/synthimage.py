@@ -23,7 +23,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from linkfix import layout
-from linkfix.padding import pad
+from linkfix.sitefill import nop_fill
 
 BASE64 = 0x400000
 BASE32 = 0x8048000
@@ -52,7 +52,7 @@ DEFAULT_OPS = (
     SynthOp("irq_disable", {"native": "cli", "xen": "gs_movb", "lguest": "rip_movl"}),
     SynthOp("irq_enable", {"native": "sti", "xen": "call"}),
     SynthOp("save_fl", {"native": "pushf_pop", "xen": "call", "lguest": "jz_in"}),
-    SynthOp("jumpy", {"native": "jmp8_out", "xen": "gs_movb", "lguest": "jz8_out"}),
+    SynthOp("twofield", {"native": "pushf_pop", "xen": "abs2", "lguest": "jz_in"}),
     SynthOp("nothing", {"native": "empty", "lguest": "jz_in"}),
     SynthOp("quiet", {"native": "empty", "xen": "cli"}),
 )
@@ -109,8 +109,8 @@ def body_len(kind: str, bits: int) -> int:
     return BODY_LEN[kind][0 if bits == 64 else 1]
 
 
-def site_len(op: SynthOp, bits: int) -> int:
-    return max([5] + [body_len(k, bits) for k in op.bodies.values()])
+def site_len(op: SynthOp, bits: int, generic_len: int = 5) -> int:
+    return max([generic_len] + [body_len(k, bits) for k in op.bodies.values()])
 
 
 @dataclass
@@ -119,7 +119,9 @@ class SiteInfo:
     op: int
     length: int
     kind: int
-    bodies: list[tuple[int, int, int] | None]  # per alternative: (addr, len, flags)
+    # per alternative: (address of its stored copy, copy length, flags); a branch
+    # site's jumps: (target, 5, flags)
+    bodies: list[tuple[int, int, int] | None]
 
 
 @dataclass
@@ -159,10 +161,21 @@ def _value(env: Env, symbol: str, op: int) -> int:
             "callee": env.callee}.get(symbol, env.dispatch.get(op, 0))
 
 
+def finished(kind: str, bits: int, site_len: int, env: Env, at: int, op: int = 0) -> bytes:
+    """The stored copy of a body kind at address `at`: the whole site, padding included."""
+    if kind == "generic":
+        code = b"\xe8" + struct.pack("<i", env.dispatch.get(op, 0) - (at + 5))
+    elif kind == "generic_indirect":
+        code = b"\xff\x15" + struct.pack("<I", env.callee)
+    else:
+        code = encode(kind, at, bits, env)
+    return code + nop_fill(site_len - len(code))
+
+
 def kind_digest(kind: str, bits: int, op: int = 0, op_name: str = "", env: Env | None = None,
-                symbolic: bool = False) -> layout.BodyDigest:
-    """The digest of a body kind; its fields' targets from `env` (build_fast), or as
-    assembler expressions (`symbolic`, asm_source), or placeholders (sizing)."""
+                symbolic: bool = False, site_len: int = 0) -> layout.BodyDigest:
+    """The digest of a body kind's copy finished to `site_len` bytes; its fields' targets
+    from `env` (build_fast), or as assembler expressions (`symbolic`), or placeholders."""
     zero = Env(0, 0, 0, {}, {}, {})
     if kind == "branch":  # the jmp to a branch site's own label: nothing to record
         return layout.body_digest(b"\xe9" + bytes(4), ((1, 4),), (layout.Link(True),))
@@ -175,6 +188,7 @@ def kind_digest(kind: str, bits: int, op: int = 0, op_name: str = "", env: Env |
     else:
         code = encode(kind, 0, bits, zero)
         specs = _FIELDS.get((kind, bits), ())
+    code += nop_fill(max(0, site_len - len(code)))
     links = []
     for _pos, _size, pcrel, sym, addend in specs:
         if symbolic:
@@ -185,23 +199,54 @@ def kind_digest(kind: str, bits: int, op: int = 0, op_name: str = "", env: Env |
     return layout.body_digest(code, tuple((p, n) for p, n, *_ in specs), tuple(links))
 
 
+def alt_flags(kind: str) -> int:
+    return layout.FLAG_PRESENT | (layout.FLAG_CALL if kind in ("generic", "call") else 0)
+
+
 def meta_for(bits: int, backends: tuple[str, ...], ops: tuple[SynthOp, ...],
              indirect_generic: bool = False, env: Env | None = None,
-             symbolic: bool = False) -> layout.Meta:
+             symbolic: bool = False, addrs: dict[tuple[int, int], int] | None = None
+             ) -> layout.Meta:
+    """The header; copies at `addrs[(op, k)]` (build_fast) or labels `lf_c_<op>_<k>`."""
     names = tuple(o.name for o in ops) + tuple(layout.branch_op_name(b) for b in backends)
-    digests = []
+    rows = []
+
+    def entry(op: int, k: int, kind: str, digest: layout.BodyDigest) -> layout.AltEntry:
+        flags = alt_flags(kind)
+        if kind == "generic_indirect":
+            flags = layout.FLAG_PRESENT | layout.FLAG_CALL
+        if addrs is not None:
+            return layout.AltEntry(flags, digest, addr=addrs.get((op, k), 0))
+        return layout.AltEntry(flags, digest, label=f"lf_c_{op}_{k}")
+
     for j, op in enumerate(ops):
-        generic = kind_digest("generic_indirect" if indirect_generic else "generic", bits, j,
-                              op.name, env, symbolic)
-        digests.append((generic, *(kind_digest(op.bodies[b], bits, j, op.name, env, symbolic)
-                                   if b in op.bodies else layout.ABSENT for b in backends)))
-    empty = layout.body_digest(b"", ())
-    for k in range(1, len(backends) + 1):
-        digests.append((kind_digest("branch", bits),
-                        *(kind_digest("branch", bits) if j == k else empty
-                          for j in range(1, len(backends) + 1))))
+        L = site_len(op, bits, 6 if indirect_generic else 5)
+        g = "generic_indirect" if indirect_generic else "generic"
+        row = [entry(j, 0, g, kind_digest(g, bits, j, op.name, env, symbolic, L))]
+        for k, b in enumerate(backends, start=1):
+            if b not in op.bodies:
+                row.append(layout.ABSENT_ALT)
+            else:
+                kind = op.bodies[b]
+                row.append(entry(j, k, kind, kind_digest(kind, bits, j, op.name, env, symbolic,
+                                                         L)))
+        rows.append(tuple(row))
+    jmp = layout.AltEntry(layout.FLAG_PRESENT | layout.FLAG_JMP, kind_digest("branch", bits))
+    nop5 = layout.body_digest(nop_fill(5), ())
+    n_real = len(ops)
+    for b in range(1, len(backends) + 1):
+        row = [jmp]
+        for k in range(1, len(backends) + 1):
+            if k == b:
+                row.append(jmp)
+            elif addrs is not None:
+                row.append(layout.AltEntry(layout.FLAG_PRESENT, nop5,
+                                           addr=addrs.get((n_real + b - 1, k), 0)))
+            else:
+                row.append(layout.AltEntry(layout.FLAG_PRESENT, nop5, label="lf_c_nop5"))
+        rows.append(tuple(row))
     return layout.Meta(machine=62 if bits == 64 else 3, backends=backends, ops=names,
-                       spec_hash=0x5EED1234, digests=tuple(digests))
+                       spec_hash=0x5EED1234, alts=tuple(rows))
 
 
 def choose_ops(n: int, ops: tuple[SynthOp, ...], n_branch: int, rng: random.Random
@@ -218,7 +263,7 @@ def choose_ops(n: int, ops: tuple[SynthOp, ...], n_branch: int, rng: random.Rand
 def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, ...] = DEFAULT_OPS,
                backends: tuple[str, ...] = BACKENDS, seed: int = 0, branch_share: float = 0.1,
                site_ops: list[int] | None = None, gap: int = 1, symbols: bool = True,
-               section_names: bool = True, empty_body_zero: bool = False) -> Synth:
+               section_names: bool = True) -> Synth:
     """Write an ET_EXEC image with `n_sites` sites; returns what was placed where.
 
     `site_ops` fixes the op of every site (indices >= len(ops) are branch sites
@@ -233,9 +278,7 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
     n_real = len(ops)
     w64 = bits == 64
     base = BASE64 if w64 else BASE32
-    meta = meta_for(bits, backends, ops)
-    rec_size = layout.site_rec_size(nb)
-    rec = layout.site_struct(nb)
+    meta = meta_for(bits, backends, ops, addrs={})
 
     # .text: dispatch functions, callee, branch tests and "true" labels, then the sites.
     text_addr = base + PAGE
@@ -252,88 +295,76 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
     true = {b: stub(b"\x90\x90\xc3") for b in range(1, nb + 1)}
     fn_syms: list[tuple[str, int, int]] = [("_start", text_addr, 0)]
 
-    # Data segment addresses are fixed after the read-only tables are sized, so
-    # place data first at a generous fixed distance: after text+tables.
     lens = [site_len(ops[o], bits) if o < n_real else 5 for o in site_ops]
+    n_op_sites = sum(1 for o in site_ops if o < n_real)
+    n_br = n_sites - n_op_sites
     text_sites_at = text_addr + len(text)
     text_size = len(text) + sum(lens) + gap * n_sites
-    per_site_repl = []
-    for o in site_ops:
-        if o < n_real:
-            kinds = ["call"] + [ops[o].bodies.get(b, "") for b in backends]
-            per_site_repl.append(sum(body_len(k, bits) + BODY_TAIL.get(k, 0)
-                                     for k in kinds if k))
-        else:
-            per_site_repl.append(5 + 5)
     ro_addr = _align(text_addr + text_size, PAGE)
-    meta_size = meta.size()
     meta_addr = ro_addr
-    sites_addr = _align(meta_addr + meta_size, 8)
-    repl_addr = sites_addr + rec_size * n_sites
-    repl_size = sum(per_site_repl)
+    sites_addr = _align(meta_addr + meta.size(), 8)
+    branches_addr = sites_addr + layout.SITE_REC_SIZE * n_op_sites
+    repl_addr = branches_addr + layout.BRANCH_REC_SIZE * n_br
+    copy_lens = [(j, k, site_len(op, bits)) for j, op in enumerate(ops)
+                 for k, b in enumerate(("generic", *backends)) if k == 0 or b in op.bodies]
+    repl_size = sum(n for _j, _k, n in copy_lens) + 5
     data_addr = _align(repl_addr + repl_size, PAGE) + PAGE
     env = Env(var_x=data_addr, var_y=data_addr + 8, callee=callee, dispatch=dispatch,
               test=test, true=true)
 
-    text.extend(bytes(text_size - len(text)))
-    sites_blob = bytearray(rec_size * n_sites)
+    # One stored copy per op and alternative, and one 5-byte NOP for branches' "false".
     repl = bytearray()
+    addrs: dict[tuple[int, int], int] = {}
+    for j, k, n in copy_lens:
+        kind = "generic" if k == 0 else ops[j].bodies[backends[k - 1]]
+        addrs[(j, k)] = at = repl_addr + len(repl)
+        repl += finished(kind, bits, n, env, at, j)
+    nop5_at = repl_addr + len(repl)
+    repl += nop_fill(5)
+    for b in range(1, nb + 1):
+        for k in range(1, nb + 1):
+            if k != b:
+                addrs[(n_real + b - 1, k)] = nop5_at
+    assert len(repl) == repl_size, (len(repl), repl_size)
+
+    text.extend(bytes(text_size - len(text)))
+    sites_blob = bytearray(layout.SITE_REC_SIZE * n_op_sites)
+    branches_blob = bytearray(layout.BRANCH_REC_SIZE * n_br)
     infos: list[SiteInfo] = []
     at = text_sites_at
-    rec_vals: list[int] = []
+    n_op = n_b = 0
     for i, o in enumerate(site_ops):
         L = lens[i]
-        rec_addr = sites_addr + i * rec_size
+        t_off = at - text_addr
         alts: list[tuple[int, int, int] | None] = []
         if o < n_real:
-            kinds: list[str | None] = ["call"] + [ops[o].bodies.get(b) for b in backends]
+            rec_addr = sites_addr + n_op * layout.SITE_REC_SIZE
+            layout.SITE.pack_into(sites_blob, n_op * layout.SITE_REC_SIZE, at - rec_addr, o, L,
+                                  layout.KIND_OP)
+            n_op += 1
+            kinds = ["generic"] + [ops[o].bodies.get(b) for b in backends]
+            for k, kind in enumerate(kinds):
+                alts.append(None if kind is None else (addrs[(o, k)], L, alt_flags(kind)))
+            text[t_off:t_off + L] = b"\xe8" + struct.pack("<i", dispatch[o] - (at + 5)) + \
+                nop_fill(L - 5)
         else:
             b = o - n_real + 1
-            kinds = ["branch0"] + ["branchT" if k == b else "empty" for k in range(1, nb + 1)]
-        rec_vals.clear()
-        rec_vals += [at - rec_addr, o, L, 0 if o < n_real else 1]
-        for k, kind in enumerate(kinds):
-            field_addr = rec_addr + 8 + 8 * k
-            if kind is None:
-                alts.append(None)
-                rec_vals += [0, 0, 0, 0]
-                continue
-            b_at = repl_addr + len(repl)
-            if kind == "call" and k == 0:
-                code = b"\xe8" + struct.pack("<i", dispatch[o] - (b_at + 5))
-                flags = layout.FLAG_PRESENT | layout.FLAG_CALL
-            elif kind == "branch0":
-                code = b"\xe9" + struct.pack("<i", test[o - n_real + 1] - (b_at + 5))
-                flags = layout.FLAG_PRESENT | layout.FLAG_JMP
-            elif kind == "branchT":
-                code = b"\xe9" + struct.pack("<i", true[o - n_real + 1] - (b_at + 5))
-                flags = layout.FLAG_PRESENT | layout.FLAG_JMP
-            else:
-                code = encode(kind, b_at, bits, env)
-                flags = layout.FLAG_PRESENT | BODY_FLAGS.get(kind, 0)
-            repl += code
-            if kind in BODY_TAIL:
-                repl += b"\xc3" * BODY_TAIL[kind]
-            off = b_at - field_addr
-            if not code and empty_body_zero:
-                off = 0
-            alts.append((b_at, len(code), flags))
-            rec_vals += [off, len(code), flags, 0]
-        rec.pack_into(sites_blob, i * rec_size, *rec_vals)
-        # The site as linked: the generic alternative relocated to the site, then padding.
-        t_off = at - text_addr
-        g = alts[0]
-        assert g is not None
-        opcode = b"\xe8" if o < n_real else b"\xe9"
-        target = dispatch[o] if o < n_real else test[o - n_real + 1]
-        text[t_off:t_off + L] = opcode + struct.pack("<i", target - (at + 5)) + pad(L - 5)
+            rec_addr = branches_addr + n_b * layout.BRANCH_REC_SIZE
+            layout.BRANCH.pack_into(branches_blob, n_b * layout.BRANCH_REC_SIZE, at - rec_addr,
+                                    test[b] - (rec_addr + 4), true[b] - (rec_addr + 8), o, 5,
+                                    layout.KIND_BRANCH)
+            n_b += 1
+            jmp = layout.FLAG_PRESENT | layout.FLAG_JMP
+            alts.append((test[b], 5, jmp))
+            for k in range(1, nb + 1):
+                alts.append((true[b], 5, jmp) if k == b else (nop5_at, 5, layout.FLAG_PRESENT))
+            text[t_off:t_off + L] = b"\xe9" + struct.pack("<i", test[b] - (at + 5))
         for g_i in range(gap):
             text[t_off + L + g_i] = 0x90
         if symbols and i % 8 == 0:
             fn_syms.append((f"fn_{i // 8}", at, 0))
         infos.append(SiteInfo(at, o, L, 0 if o < n_real else 1, alts))
         at += L + gap
-    assert len(repl) == repl_size, (len(repl), repl_size)
 
     data = bytearray(64)
     bss_size = 64
@@ -342,21 +373,24 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
     ro_end = repl_addr + repl_size
     image = bytearray(data_addr - base + len(data))
     image[text_addr - base:text_addr - base + len(text)] = text
-    meta = meta_for(bits, backends, ops, env=env)  # now with the fields' real targets
-    meta_bytes = meta.encode(meta_addr, (sites_addr, sites_addr + len(sites_blob), repl_addr,
-                                         ro_end))
+    meta = meta_for(bits, backends, ops, env=env, addrs=addrs)  # with the real targets
+    meta_bytes = meta.encode(meta_addr, (sites_addr, branches_addr, branches_addr, repl_addr,
+                                         repl_addr, ro_end))
     image[meta_addr - base:meta_addr - base + len(meta_bytes)] = meta_bytes
     image[sites_addr - base:sites_addr - base + len(sites_blob)] = sites_blob
+    image[branches_addr - base:branches_addr - base + len(branches_blob)] = branches_blob
     image[repl_addr - base:repl_addr - base + len(repl)] = repl
     image[data_addr - base:data_addr - base + len(data)] = data
 
-    names = (layout.META_SECTION, layout.SITES_SECTION, layout.REPL_SECTION) if section_names \
-        else (".rodata.a", ".rodata.b", ".rodata.c")
+    names = (layout.META_SECTION, layout.SITES_SECTION, layout.BRANCHES_SECTION,
+             layout.REPL_SECTION) if section_names else \
+        (".rodata.a", ".rodata.b", ".rodata.c", ".rodata.d")
     sections = [
         (".text", 1, 0x6, text_addr, text_addr - base, len(text), 16),
         (names[0], 1, 0x2, meta_addr, meta_addr - base, len(meta_bytes), 4),
         (names[1], 1, 0x2, sites_addr, sites_addr - base, len(sites_blob), 4),
-        (names[2], 1, 0x2, repl_addr, repl_addr - base, len(repl), 1),
+        (names[2], 1, 0x2, branches_addr, branches_addr - base, len(branches_blob), 4),
+        (names[3], 1, 0x2, repl_addr, repl_addr - base, len(repl), 1),
         (".data", 1, 0x3, data_addr, data_addr - base, len(data), 8),
         (".bss", 8, 0x3, data_addr + len(data), len(image), bss_size, 8),
     ]
@@ -366,6 +400,8 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
         ("__linkfix_meta_end", meta_addr + len(meta_bytes), 0),
         ("__linkfix_sites_start", sites_addr, 0),
         ("__linkfix_sites_end", sites_addr + len(sites_blob), 0),
+        ("__linkfix_branches_start", branches_addr, 0),
+        ("__linkfix_branches_end", branches_addr + len(branches_blob), 0),
         ("__linkfix_repl_start", repl_addr, 0), ("__linkfix_repl_end", ro_end, 0),
         ("xen_vcpu_mask", env.var_x, 1), ("lguest_irq_enabled", env.var_y, 4),
         ("callee", callee, 0),
