@@ -54,7 +54,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
             eff = sp.apply(out, sel.per_op, current=now.per_op)
         except recognise.NotRecognised as e:
             raise recognise.refusal(t, sp, e, "state record") from None
-        result["relocs"] = relocs.update(sp, eff, out)
+        result["relocs"] = relocs.update(sp, eff, out, now.per_op)
         state = op_state(t, chk, sel.per_op, eff)
         state_at = t.meta_region.offset + layout.STATE_OFFSET
         out[state_at:state_at + 4 + len(state)] = layout.encode_state(sel.target, 1, state)

@@ -58,8 +58,11 @@ class _Table:
         return self.entries[a:b]
 
 
-def update(sp: Splicer, eff: dict[int, int], out: bytearray) -> int:
-    """Check dynamic relocations and rewrite static ones; returns slots rewritten."""
+def update(sp: Splicer, eff: dict[int, int], out: bytearray,
+           current: tuple[int, ...] | None = None) -> int:
+    """Check dynamic relocations and rewrite static ones; returns slots rewritten.
+
+    `current`: the alternative each op's sites held before (the state record)."""
     t = sp.t
     img = t.image
     dyn = img.dynamic_reloc_offsets
@@ -75,6 +78,11 @@ def update(sp: Splicer, eff: dict[int, int], out: bytearray) -> int:
         so = img.offset_of(s, L)
         assert so is not None
         copy = chk.copies[(op, k)]
+        if op >= t.meta.n_real_ops:
+            if statics:
+                cur = current[op] if current is not None else 0
+                rewritten += _branch_slots(sp, site_tables, s, op, k, cur, out)
+            continue
         b, bl = (copy.addr, copy.length) if copy.addr is not None else (0, 0)
         changed = out[so:so + L] != img.data[so:so + L]
         if dyn and changed:
@@ -115,6 +123,45 @@ def update(sp: Splicer, eff: dict[int, int], out: bytearray) -> int:
                 img.reloc_struct(False).pack_into(out, slot.slot, entry[0], entry[1])
             rewritten += 1
     return rewritten
+
+
+_JUMP_TYPE = {EM_X86_64: 2, 3: 2}  # R_X86_64_PC32, R_386_PC32: a linked `jmp rel32`
+
+
+def _branch_slots(sp: Splicer, site_tables: dict[int, _Table], s: int, op: int, k: int,
+                  cur: int, out: bytearray) -> int:
+    """A branch site's one relocation slot follows its jump.
+
+    As linked it is the jump's PC32 to the generic test. Patched to the "true"
+    label it keeps the symbol with the addend moved by (true - generic); as a
+    NOP it becomes R_*_NONE, keeping the symbol and the generic addend, so that
+    re-targeting restores the linked entry exactly.
+    """
+    t = sp.t
+    img = t.image
+    sec = img.section_at(s)
+    table = site_tables.get(sec.index) if sec else None
+    if table is None:
+        return 0
+    owned = table.within(s, s + 5)
+    if not owned:
+        return 0
+    i = sp.index_of(s)
+    g, y = sp.chk.branch_targets(i)
+    b = op - t.meta.n_real_ops + 1
+    if len(owned) != 1 or owned[0].offset != s + 1 or \
+            owned[0].type not in (0, _JUMP_TYPE[img.machine]):
+        raise site_error(t, s, op, "its relocation slots are not the one PC32 entry of its "
+                                   "jump; cannot keep them consistent")
+    r = owned[0]
+    base = r.addend - (y - g if cur == b else 0)  # the generic addend
+    typ = 0 if k not in (0, b) else _JUMP_TYPE[img.machine]
+    addend = base + (y - g if k == b else 0)
+    if table.rt.rela:
+        img.reloc_struct(True).pack_into(out, r.slot, s + 1, img.encode_info(r.sym, typ), addend)
+    else:
+        img.reloc_struct(False).pack_into(out, r.slot, s + 1, img.encode_info(r.sym, typ))
+    return 1
 
 
 def _refuse_dynamic(t: Tables, s: int, op: int, dyn: list[int], lo: int, size: int,

@@ -68,6 +68,7 @@ class Splicer:
         self.bits = t.image.bits
         self.wraps = self.bits == 32  # i386 displacements wrap around the 4 GiB space
         self.mask = 0xFFFFFFFF if self.wraps else -1
+        self._index = _Index(chk)
 
     def shape_of(self, i: int) -> Shape:
         return self.chk.shape_of(i)
@@ -93,6 +94,10 @@ class Splicer:
                                             "displacement does not fit in 32 bits") from None
         return bytes(out)
 
+    def index_of(self, addr: int) -> int:
+        """The number of the site at `addr`."""
+        return self._index.of(addr)
+
     def placed(self, i: int, k: int) -> tuple[bytes, int]:
         """Site i's bytes for alternative k, and how many of them are the copy (all)."""
         b = self.site_bytes(i, k)
@@ -111,7 +116,7 @@ class Splicer:
         """
         chk = self.chk
         eff: dict[int, int] = {}
-        index = _Index(chk)
+        index = self._index
         for op, addrs in chk.groups.items():
             sh = chk.shapes[op]
             k = eff[op] = effective(sh, per_op[op])
