@@ -285,11 +285,11 @@ def test_guards_emit_no_bytes(tmp_path: Path) -> None:
     for cc in ("gcc", "clang"):
         assert _assemble(m, tmp_path, cc, inline=False).returncode == 0
         dumps.append(subprocess.run(
-            ["objdump", "-s", "-j", ".text", "-j", ".linkfix.repl", "-j", ".linkfix.sites",
+            ["objdump", "-s", "-j", ".text", "-j", ".linkfix.sites",
              "g.o"], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
             .split("\n", 3)[3])
     assert dumps[0] == dumps[1]
-    text = dumps[0].split("Contents of section .linkfix.repl")[0]
+    text = dumps[0].split("Contents of section .linkfix.sites")[0]
     site = bytes.fromhex("".join(line[6:41] for line in text.splitlines()[1:]))
     assert site == b"\xe8\0\0\0\0" + m.pad  # the call, its padding, nothing from the guards
 

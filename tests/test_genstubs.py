@@ -27,6 +27,7 @@ from linkfix import layout, measure, opmodel, sitetext
 from linkfix.arch import I386, X86_64
 from linkfix.genstubs import generate
 from linkfix.padding import pad
+from linkfix.sitefill import nop_fill
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).parent / "specs"
@@ -204,10 +205,17 @@ def test_generated_files(stubs) -> None:
     assert manifest["backends"] == ["native", "xen", "lguest"]
     ops = {op["name"]: op for op in manifest["ops"]}
     for op in ops.values():
-        lengths = [b["length"] for b in op["bodies"].values()]
-        assert op["site_size"] == max(5, *lengths)
+        # The default backend's body stays inline; longer ones go out of line.
+        own = op["bodies"].get("native", {"length": 0})["length"]
+        assert op["site_budget"] == max(5, own)
+        inline = [b["length"] for b in op["bodies"].values() if b["length"] <= max(5, own)]
+        assert op["site_size"] == max(5, *inline)
+        for b in op["bodies"].values():
+            assert b["placement"] == ("ool" if b["length"] > op["site_size"] else
+                                      "empty" if b["kind"] == "empty" else b["kind"])
     assert ops["irq_disable"]["bodies"]["native"] == {
-        "kind": "inline", "text": "cli", "source": "cli", "length": 1}
+        "kind": "inline", "text": "cli", "source": "cli", "length": 1,
+        "placement": "inline", "executed_insns": 1, "executed_bytes": 5, "padding_insns": 0}
     assert ops["irq_disable"]["bodies"]["xen"]["kind"] == "call"
     assert ops["restore_fl"]["bodies"]["lguest"]["kind"] == "empty"
     assert ops["save_fl"]["clobbers"] == [REG[arch]]
@@ -218,94 +226,115 @@ def test_generated_files(stubs) -> None:
 def test_records_match_sites(stubs, tmp_path: Path) -> None:
     arch, out, manifest = stubs
     image = build_image(arch, out, tmp_path)
-    rec = layout.site_rec_size(3)
-    n_c = sum(C_OP_SITES.values()) + sum(C_BRANCH_SITES.values())
+    n_c = sum(C_OP_SITES.values())
     n_s = sum(S_OP_SITES.values())
-    assert section_size(tmp_path / "uses.o", ".linkfix.sites") == n_c * rec
-    assert section_size(tmp_path / "uses_s.o", ".linkfix.sites") == n_s * rec
+    n_b = sum(C_BRANCH_SITES.values())
+    assert section_size(tmp_path / "uses.o", ".linkfix.sites") == n_c * 8
+    assert section_size(tmp_path / "uses.o", ".linkfix.branches") == n_b * 16
+    assert section_size(tmp_path / "uses_s.o", ".linkfix.sites") == n_s * 8
+    assert section_size(tmp_path / "uses.o", ".linkfix.repl") == 0  # copies: thunks.o only
 
     ops = manifest["ops"]
     names = [op["name"] for op in ops]
     img = Image(image)
     try:
-        base, data = img.section(".linkfix.sites")
-        assert len(data) == (n_c + n_s) * rec
-        rec_struct = layout.site_struct(3)
-        seen_ops: dict[str, int] = {}
-        seen_branches: dict[str, int] = {}
-        for i in range(0, len(data), rec):
-            fields = rec_struct.unpack_from(data, i)
-            site = base + i + fields[0]
-            op_index, site_len, kind = fields[1:4]
-            alts = [fields[4 + 4 * k: 8 + 4 * k] for k in range(4)]
-            site_bytes = img.read(site, site_len)
-            if kind == layout.KIND_OP:
-                op = ops[op_index]
-                seen_ops[op["name"]] = seen_ops.get(op["name"], 0) + 1
-                assert site_len == op["site_size"]
-                # as linked: call __lf_dispatch_<op>, then the one-instruction padding
-                assert site_bytes[0] == 0xE8
-                rel = struct.unpack_from("<i", site_bytes, 1)[0]
-                assert site + 5 + rel == img.symbols[f"__lf_dispatch_{op['name']}"]
-                assert site_bytes[5:] == pad(site_len - 5)
-                for k, (off, length, flags, _res) in enumerate(alts):
-                    addr = base + i + 8 + 8 * k + off
-                    if k == 0:
-                        assert (length, flags) == (5, layout.FLAG_PRESENT | layout.FLAG_CALL)
-                        assert img.read(addr, 5)[0] == 0xE8
-                        continue
-                    body = op["bodies"].get(manifest["backends"][k - 1])
-                    if body is None:
-                        assert (off, length, flags) == (0, 0, 0)
-                        continue
-                    assert flags & layout.FLAG_PRESENT
-                    assert length == body["length"]
-                    assert bool(flags & layout.FLAG_CALL) == (body["kind"] == "call")
-                    if body["text"] == "cli":
-                        assert img.read(addr, 1) == b"\xfa"
-            else:
-                assert kind == layout.KIND_BRANCH
-                b = op_index - len(ops) + 1
-                backend = manifest["backends"][b - 1]
-                seen_branches[backend] = seen_branches.get(backend, 0) + 1
-                assert site_len == 5 and site_bytes[0] == 0xE9
-                for k, (off, length, flags, _res) in enumerate(alts):
-                    assert flags & layout.FLAG_PRESENT
-                    if k in (0, b):
-                        assert (length, flags) == (5, layout.FLAG_PRESENT | layout.FLAG_JMP)
-                        jmp = img.read(base + i + 8 + 8 * k + off, 5)
-                        assert jmp[0] == 0xE9
-                        if k == 0:  # the generic alternative is the linked jump
-                            src = base + i + 8 + off
-                            target = src + 5 + struct.unpack_from("<i", jmp, 1)[0]
-                            assert target == site + 5 + struct.unpack_from("<i", site_bytes, 1)[0]
-                    else:
-                        assert length == 0
-        expected = {k: C_OP_SITES.get(k, 0) + S_OP_SITES.get(k, 0)
-                    for k in set(C_OP_SITES) | set(S_OP_SITES)}
-        assert seen_ops == expected
-        assert seen_branches == C_BRANCH_SITES
-        assert set(seen_ops) <= set(names)
-
-        # the meta header
+        # the meta header: fixed part, names, bounds, then the body table
         mbase, meta = img.section(".linkfix.meta")
         assert img.symbols["__linkfix_meta_start"] == mbase
         fixed = layout.META_FIXED.unpack_from(meta)
         magic, version, machine, n_ops, n_backends, recsize, names_size, spec_hash = fixed[:8]
-        assert magic == layout.MAGIC and version == layout.VERSION
+        assert magic == layout.MAGIC and version == layout.VERSION == 3
         assert machine == (62 if arch == "x86_64" else 3)
-        assert (n_ops, n_backends, recsize) == (10, 3, rec)
+        assert (n_ops, n_backends, recsize) == (10, 3, 8)
         assert spec_hash == int(manifest["spec_hash"], 16)
         assert fixed[8:10] == (0, 0)  # not patched
         blob = meta[28 + n_ops: 28 + n_ops + names_size]
         assert blob.split(b"\0")[:-1] == [
             b"native", b"xen", b"lguest", *(n.encode() for n in names),
             b"backend_is(native)", b"backend_is(xen)", b"backend_is(lguest)"]
+        at = 28 + n_ops + names_size
+        at += -at % 4
+        bounds = struct.unpack_from("<6i", meta, at)
+        for j, sym in enumerate(("sites_start", "sites_end", "branches_start", "branches_end",
+                                 "repl_start", "repl_end")):
+            assert mbase + at + 4 * j + bounds[j] == img.symbols[f"__linkfix_{sym}"]
+        table = at + 24
+        copies = {}
+        for op in range(n_ops):
+            for k in range(4):
+                e = table + 16 * (op * 4 + k)
+                rel, _crc, length, flags = struct.unpack_from("<iIBB", meta, e)
+                copies[(op, k)] = (mbase + e + rel if rel else None, length, flags)
+
+        # op site records: 8 bytes, the linked call and its padding
+        base, data = img.section(".linkfix.sites")
+        assert len(data) == (n_c + n_s) * 8
+        seen_ops: dict[str, int] = {}
+        for i in range(0, len(data), 8):
+            rel, op_index, site_len, kind = struct.unpack_from("<iHBB", data, i)
+            site = base + i + rel
+            assert kind == layout.KIND_OP
+            op = ops[op_index]
+            seen_ops[op["name"]] = seen_ops.get(op["name"], 0) + 1
+            assert site_len == op["site_size"]
+            site_bytes = img.read(site, site_len)
+            assert site_bytes[0] == 0xE8
+            rel32 = struct.unpack_from("<i", site_bytes, 1)[0]
+            assert site + 5 + rel32 == img.symbols[f"__lf_dispatch_{op['name']}"]
+            assert site_bytes[5:] == nop_fill(site_len - 5)
+            g_addr, g_len, g_flags = copies[(op_index, 0)]
+            assert (g_len, g_flags) == (site_len, layout.FLAG_PRESENT | layout.FLAG_CALL)
+            g = img.read(g_addr, g_len)
+            # the generic copy: the same call, relocated from where it is stored
+            assert g[0] == 0xE8 and g_addr + 5 + struct.unpack_from("<i", g, 1)[0] == \
+                site + 5 + rel32 and g[5:] == site_bytes[5:]
+            for k, backend in enumerate(manifest["backends"], start=1):
+                addr, length, flags = copies[(op_index, k)]
+                body = op["bodies"].get(backend)
+                if body is None:
+                    assert (addr, length, flags) == (None, 0, 0)
+                    continue
+                assert flags & layout.FLAG_PRESENT and length == site_len
+                assert bool(flags & layout.FLAG_CALL) == (body["placement"] == "call")
+                assert bool(flags & layout.FLAG_OOL) == (body["placement"] == "ool")
+                copy = img.read(addr, length)
+                if body["text"] == "cli":  # CS-prefixed cli: 2e... fa (i386: DS, 3e)
+                    prefix = 0x2E if arch == "x86_64" else 0x3E
+                    assert copy == bytes([prefix]) * (site_len - 1) + b"\xfa"
+                if body["placement"] == "ool":
+                    target = addr + 5 + struct.unpack_from("<i", copy, 1)[0]
+                    assert copy[0] == 0xE8 and \
+                        target == img.symbols[f"__lf_body_{op['name']}_{backend}"]
+        expected = {k: C_OP_SITES.get(k, 0) + S_OP_SITES.get(k, 0)
+                    for k in set(C_OP_SITES) | set(S_OP_SITES)}
+        assert seen_ops == expected
+        assert set(seen_ops) <= set(names)
+
+        # branch records: 16 bytes, the jump and its two targets
+        bbase, bdata = img.section(".linkfix.branches")
+        assert len(bdata) == n_b * 16
+        seen_branches: dict[str, int] = {}
+        for i in range(0, len(bdata), 16):
+            rs, rg, ry, op_index, site_len, kind = struct.unpack_from("<iiiHBB", bdata, i)
+            site = bbase + i + rs
+            assert (site_len, kind) == (5, layout.KIND_BRANCH)
+            b = op_index - len(ops) + 1
+            backend = manifest["backends"][b - 1]
+            seen_branches[backend] = seen_branches.get(backend, 0) + 1
+            site_bytes = img.read(site, 5)
+            assert site_bytes[0] == 0xE9
+            # as linked, the jump leads to the generic target the record names
+            assert site + 5 + struct.unpack_from("<i", site_bytes, 1)[0] == bbase + i + 4 + rg
+            assert bbase + i + 8 + ry != bbase + i + 4 + rg
+            for k in range(4):
+                addr, length, flags = copies[(op_index, k)]
+                if k in (0, b):
+                    assert (addr, length, flags) == (None, 5, layout.FLAG_PRESENT |
+                                                     layout.FLAG_JMP)
+                else:
+                    assert flags == layout.FLAG_PRESENT and img.read(addr, 5) == nop_fill(5)
+        assert seen_branches == C_BRANCH_SITES
         assert len(meta) % 4 == 0
-        for sym in ("sites", "repl"):
-            start = img.symbols[f"__linkfix_{sym}_start"]
-            end = img.symbols[f"__linkfix_{sym}_end"]
-            assert end - start == len(img.section(f".linkfix.{sym}")[1])
     finally:
         img.close()
 
@@ -614,35 +643,34 @@ def test_keystone_hang_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [s for s, _ in res] == ["ok", "timeout", "ok"]
 
 
-def _shrunk_model(spec_text: str, tmp_path: Path) -> tuple[opmodel.OpModel, object]:
+def test_a_body_longer_than_the_budget_runs_out_of_line(tmp_path: Path) -> None:
+    """Site length is decided at gen time: a non-default body over the budget becomes a
+    call to its out-of-line copy, and `site_budget` keeps it inline."""
+    text = ('[linkfix]\narch = "x86_64"\nbackends = ["native", "xen"]\n[ops.f]\n'
+            'args = ["long x"]\n[ops.f.bodies]\nnative = "cli"\n'
+            'xen = "movl $0, lguest_irq_enabled(%rip)"\n')
     spec = tmp_path / "s.toml"
-    spec.write_text(spec_text)
-    parsed, models, _ = generate(str(spec))
-    m = models[0]
-    return dataclasses.replace(m, site_len=5, pad=b""), parsed
+    spec.write_text(text)
+    m = generate(str(spec))[1][0]
+    assert (m.site_len, m.budget) == (5, 5)
+    assert [a.how for a in m.alts] == ["generic", "inline", "ool"]
+    assert m.alts[2].path_insns == 3  # call, the body, ret
+    spec.write_text(text.replace("[ops.f]\n", "[ops.f]\nsite_budget = 10\n"))
+    m = generate(str(spec))[1][0]
+    assert m.site_len == 10 and [a.how for a in m.alts] == ["generic", "inline", "inline"]
 
 
-@pytest.mark.parametrize("body,message", [
-    ("movl $0, lguest_irq_enabled(%rip)",
-     "Error: linkfix: op f backend native body longer than its site"),
-    ("test $1, %rdi; jz 1f; movl $0, lguest_irq_enabled(%rip); 1:",
-     "Error: attempt to move .org backwards"),
-])
-def test_assembler_guards_catch_a_body_longer_than_its_site(body: str, message: str,
-                                                           tmp_path: Path) -> None:
-    text = ('[linkfix]\narch = "x86_64"\nbackends = ["native"]\n[ops.f]\n'
-            f'args = ["long x"]\n[ops.f.bodies]\nnative = "{body}"\n')
-    m, spec = _shrunk_model(text, tmp_path)
-    lines = sitetext.op_site_lines(m, "1", lambda s: s)
-    (tmp_path / "g.s").write_text("\n".join(lines) + "\n")
-    proc = run(["as", "--64", "g.s", "-o", "g.o"], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    # and the real site length assembles
-    spec_path = tmp_path / "s.toml"
-    good = generate(str(spec_path))[1][0]
-    (tmp_path / "g.s").write_text("\n".join(sitetext.op_site_lines(good, "1", lambda s: s)) + "\n")
-    run(["as", "--64", "g.s", "-o", "g.o"], cwd=tmp_path)
+def test_a_stack_relative_body_cannot_go_out_of_line(tmp_path: Path, capsys) -> None:
+    text = ('[linkfix]\narch = "x86_64"\nbackends = ["native", "xen"]\n[ops.f]\n'
+            '[ops.f.bodies]\nnative = "cli"\nxen = "push %rax; movq $1, (%rsp); pop %rax"\n')
+    spec = tmp_path / "s.toml"
+    spec.write_text(text)
+    from linkfix.cli import main as cli_main
+
+    assert cli_main(["gen-stubs", str(spec), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run out of line" in err and "addresses the stack" in err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ properties
@@ -682,8 +710,10 @@ def test_random_specs_render_deterministically(text: str, tmp_path: Path) -> Non
     assert files == again
     manifest = json.loads(files["linkfix.json"])
     for m, op in zip(models, manifest["ops"], strict=True):
-        longest = max([m.measured[b].length for b in m.bodies] + [0])
-        assert m.site_len == max(5, longest) == op["site_size"]
+        budget = max(5, m.measured["native"].length if "native" in m.measured else 0)
+        inline = [m.measured[b].length for b in m.bodies if m.measured[b].length <= budget]
+        assert m.site_len == max(5, *inline) == op["site_size"]
+        assert all(len(a.code) == m.site_len for a in m.alts if a.present)
         assert len(m.pad) == m.site_len - 5
         # the site's assembly carries exactly that padding
         assert any(line == f"\t.byte {','.join(f'0x{x:02x}' for x in m.pad)}"

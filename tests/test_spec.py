@@ -48,10 +48,10 @@ BAD = [
     ("unknown-op-field", HEAD + OK_OP + "[ops.save_fl]\nreturn = \"unsigned long\"\n"
      "[ops.save_fl.bodies]\nnative = \"pushf; pop %rax\"\n",
      "op 'save_fl': field 'return': unknown field (expected one of: args, returns, clobbers, "
-     "bodies, calls)"),
+     "bodies, calls, site_budget)"),
     ("unknown-linkfix-field", HEAD.replace("[linkfix]", "[linkfix]\nbackend = \"x\"") + OK_OP,
      "field 'linkfix.backend': unknown field (expected one of: arch, backends, "
-     "default_backend, includes)"),
+     "default_backend, includes, site_budget)"),
     ("duplicate-op", HEAD + "[ops.save_fl]\nreturns = \"unsigned long\"\n" + OK_OP
      + "[ops.save_fl]\nclobbers = []\n",
      "op 'save_fl': declared twice (second [ops.save_fl] table at line 11)"),
