@@ -26,7 +26,7 @@ from linkfix.arch import Arch
 from linkfix.insn import decode
 from linkfix.padding import MAX_NOP, NOPS, pad
 
-PREFIX_CAP = 4  # redundant prefixes per instruction; see bench/prefixcost.py
+PREFIX_CAP = 5  # per instruction: GNU as pads branches with up to 5; bench/prefixcost.py
 MAX_INSN = 15
 NOP_LIMIT = 2  # up to this many NOPs before a jump over INT3s is cheaper
 
