@@ -47,7 +47,8 @@ class PrefixResult:
     cycles: dict[str, dict[str, float]] = field(default_factory=dict)  # body -> shape -> c/site
     noise: dict[str, float] = field(default_factory=dict)  # body -> spread of the bare runs
     cap: int = 0
-    jump_vs_nops: dict[int, tuple[float, float]] = field(default_factory=dict)  # pad -> (2 nops, jmp)
+    # padding bytes -> (two NOPs, jmp over INT3s), cycles over the bare body
+    jump_vs_nops: dict[int, tuple[float, float]] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -70,6 +71,9 @@ def _shapes(body_bytes: str) -> dict[str, str]:
     return out
 
 
+_TSC = '  __asm__ __volatile__("lfence; rdtsc" : "=a"(lo), "=d"(hi));\n'
+
+
 def _program(shapes: dict[str, str]) -> str:
     funcs = []
     table = []
@@ -78,10 +82,11 @@ def _program(shapes: dict[str, str]) -> str:
         funcs.append(
             f"static unsigned long run_{i}(unsigned long n) {{\n"
             "  unsigned long t0, t1; unsigned int lo, hi;\n"
-            '  __asm__ __volatile__("lfence; rdtsc" : "=a"(lo), "=d"(hi)); t0 = lo | (unsigned long)hi << 32;\n'
+            + _TSC + "  t0 = lo | (unsigned long)hi << 32;\n"
             "  for (unsigned long j = 0; j < n; j++)\n"
-            f'    __asm__ __volatile__(".rept {UNROLL}\\n" {site} ".endr\\n" ::: "rax", "cc", "memory");\n'
-            '  __asm__ __volatile__("lfence; rdtsc" : "=a"(lo), "=d"(hi)); t1 = lo | (unsigned long)hi << 32;\n'
+            f'    __asm__ __volatile__(".rept {UNROLL}\\n" {site} ".endr\\n"\n'
+            '                         ::: "rax", "cc", "memory");\n'
+            + _TSC + "  t1 = lo | (unsigned long)hi << 32;\n"
             "  return t1 - t0;\n}\n")
         table.append(f'  {{"{name}", run_{i}}},')
     return ("#include <stdio.h>\n"
@@ -89,7 +94,7 @@ def _program(shapes: dict[str, str]) -> str:
             + "struct shape { const char *name; unsigned long (*fn)(unsigned long); };\n"
             + "static const struct shape shapes[] = {\n" + "\n".join(table) + "\n};\n"
             + "int main(void) {\n"
-            + f"  for (unsigned i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {{\n"
+            + "  for (unsigned i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {\n"
             + f"    shapes[i].fn({ITERS // 10});\n"
             + f"    unsigned long c = shapes[i].fn({ITERS});\n"
             + f'    printf("%s %.4f\\n", shapes[i].name, (double)c / ({ITERS}.0 * {UNROLL}));\n'
@@ -132,10 +137,10 @@ def measure(quick: bool = False) -> PrefixResult:
         else:
             break
     res.cap = cap
+    # The ALU body: pushf/popf are microcoded and too noisy to rank two NOPs and a jump.
+    alu = res.cycles["alu"]
     for n in JUMP_PAD:
-        res.jump_vs_nops[n] = (
-            median([res.cycles[b][f"twonops{n}"] - res.cycles[b]["bare"] for b in BODIES]),
-            median([res.cycles[b][f"jmp{n}"] - res.cycles[b]["bare"] for b in BODIES]))
+        res.jump_vs_nops[n] = (alu[f"twonops{n}"] - alu["bare"], alu[f"jmp{n}"] - alu["bare"])
     return res
 
 
@@ -151,6 +156,7 @@ def markdown(res: PrefixResult) -> list[str]:
     lines += ["", "Noise (spread of the bare runs, cycles/site): " + ", ".join(
         f"{b} {res.noise[b]:.3f}" for b in BODIES) + f". Largest prefix count within it on "
         f"every body: **{res.cap}** (sitefill.PREFIX_CAP).", "",
+        "After the ALU body:", "",
         "| padding bytes | two NOPs (cycles over bare) | jmp over INT3 (cycles over bare) |",
         "| ---: | ---: | ---: |"]
     for n, (two, jmp) in res.jump_vs_nops.items():

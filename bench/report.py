@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import before
 import usersites
 from common import fmt, median, pct
 from machine import Machine
 from postlink import TARGET_1M_S, TARGET_SPEEDUP, PostlinkResult
+from prefixcost import PrefixResult
+from prefixcost import markdown as prefixcost_markdown
 from pressure import VARIANTS as PRESSURE_VARIANTS
 from pressure import WORKLOADS as PRESSURE_WORKLOADS
 from pressure import PressureResult
 from ring0 import LINUX_PV_OVERHEAD_PCT, TARGET_OVERHEAD_PCT, Ring0Result
+from tablebytes import ImageTables
+from tablebytes import markdown as tablebytes_markdown
 from usersites import ArchResult
+
+from linkfix.sitefill import PREFIX_CAP as SITEFILL_CAP  # noqa: E402
 
 RATIO_TOLERANCE = 0.03  # rdtsc loops pinned to one CPU agree within ~3 % at best
 
@@ -26,6 +33,8 @@ class Results:
     sites: dict[str, ArchResult] = field(default_factory=dict)
     pressure: dict[str, PressureResult] = field(default_factory=dict)
     postlink: PostlinkResult | None = None
+    padding: PrefixResult | None = None
+    tables: list[ImageTables] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # part -> why it did not run
     commands: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -110,6 +119,11 @@ def targets(res: Results) -> list[Target]:
                               f"{(lf / full - 1) * 100:+.1f} % time; stack accesses "
                               f"{sl.stack_loads + sl.stack_stores} vs "
                               f"{sf.stack_loads + sf.stack_stores}", None))
+    for r in res.tables:
+        if r.op_sites:
+            rec = r.sizes.get(".linkfix.sites", 0) / r.op_sites
+            out.append(Target(f"Site record bytes, {r.name}", "<= 8 (Linux alt_instr: 14 per "
+                              "alternative)", f"{rec:.0f}", rec <= 8))
     pl = res.postlink
     if pl is not None:
         big = next((s for s in pl.sizes if s.sites == 1_000_000), None)
@@ -227,6 +241,7 @@ def _ring0(res: Results) -> list[str]:
     if "ring0" in res.errors:
         out += [f"Partly measured: {res.errors['ring0']}", ""]
     out += r0.markdown()
+    out += [""] + before.markdown({a: r0.workload_pct(a) for a in r0.workload})
     return out + [""]
 
 
@@ -449,6 +464,29 @@ def _commands(res: Results) -> list[str]:
     return out + ["```", ""]
 
 
+def _padding(res: Results) -> list[str]:
+    out = ["## 5. Padding that executes nothing", "",
+           "`bench/prefixcost.py`: 32 copies of one padding shape in an unrolled loop, "
+           "cycles per site by rdtsc, pinned to one CPU, medians of 9 runs. `prefixk`: the "
+           "body with k redundant CS prefixes; `nopn`: the body then an n-byte long NOP. "
+           "gen-stubs (linkfix/sitefill.py) pads with prefixes first, at most "
+           f"{SITEFILL_CAP} per instruction (the most GNU as itself puts on an "
+           "instruction), then with at most two long NOPs, and only past 22 bytes with a "
+           "jump over INT3s (the last table: the jump costs more than two NOPs).", ""]
+    if res.padding is None:
+        return out + [f"Not measured: {res.errors.get('padding', 'not run')}", ""]
+    return out + prefixcost_markdown(res.padding) + [""]
+
+
+def _tables(res: Results) -> list[str]:
+    out = ["## 6. Table bytes per site", "",
+           "`bench/tablebytes.py`: the linkfix sections of the sample kernel (gcc) and of a "
+           "synthetic image, per site.", ""]
+    if not res.tables:
+        return out + [f"Not measured: {res.errors.get('tables', 'not run')}", ""]
+    return out + tablebytes_markdown(res.tables) + [""]
+
+
 def render(res: Results) -> str:
     lines = ["# Benchmarks", "",
              "Regenerate this file and `docs/benchmarks.png` (all numbers below come from "
@@ -463,6 +501,8 @@ def render(res: Results) -> str:
     lines += _sites(res)
     lines += _pressure(res)
     lines += _postlink(res)
+    lines += _padding(res)
+    lines += _tables(res)
     lines += _commands(res)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -5,7 +5,8 @@
 
 Parts: ring0 (sample kernel under QEMU -icount), sites (one site in user
 space, every site shape), pressure (register pressure), postlink (speed of
-`linkfix patch`). Installs nothing: it stops with a message if a tool it needs
+`linkfix patch`), padding (what prefixes, NOPs and jumps cost in user space),
+tables (table bytes per site). Installs nothing: it stops with a message if a tool it needs
 is missing.
 """
 
@@ -27,7 +28,7 @@ from common import BUILD, ROOT, BenchError, ensure_dir, rel  # noqa: E402
 
 from linkfix.fileio import write_atomic  # noqa: E402
 
-PARTS = ("ring0", "sites", "pressure", "postlink")
+PARTS = ("ring0", "sites", "pressure", "postlink", "padding", "tables")
 NEEDED_TOOLS = {"gcc": "gcc", "as": "binutils", "objdump": "binutils", "nm": "binutils",
                 "size": "binutils", "taskset": "util-linux", "make": "make"}
 
@@ -80,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     import chart
     import machine
     import postlink
+    import prefixcost
     import pressure
     import report
     import ring0
+    import tablebytes
     import usersites
 
     cmd = "bench/run.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
@@ -125,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     step("sites", do_sites)
     step("pressure", do_pressure)
     step("postlink", do_postlink)
+
+    def do_padding() -> None:
+        res.padding = prefixcost.measure(args.quick)
+        if res.padding.error:
+            raise BenchError(res.padding.error)
+
+    def do_tables() -> None:
+        res.tables = tablebytes.measure(args.quick)
+
+    step("padding", do_padding)
+    step("tables", do_tables)
     res.elapsed_s = time.monotonic() - t0
     res.commands = common.LOG.commands
 

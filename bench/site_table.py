@@ -28,13 +28,16 @@ def manifest(spec: Path) -> dict:
 
 
 def cell(body: dict | None) -> str:
+    """The body, its length, where it runs and what its path executes."""
     if body is None:
         return "— (dispatch)"
+    cost = f"{body['executed_insns']} insn, {body['executed_bytes']} B"
     if body["kind"] == "empty":
-        return "empty (0)"
+        return f"empty (0); {cost}"
     lines = (line.strip() for line in body["source"].splitlines())
     text = "; ".join(line for line in lines if line)
-    return f"`{text}` ({body['length']})"
+    where = {"ool": "out of line", "inline": "inline", "call": "call"}[body["placement"]]
+    return f"`{text}` ({body['length']}); {where}, {cost}"
 
 
 def table(m: dict) -> list[str]:
@@ -42,7 +45,8 @@ def table(m: dict) -> list[str]:
     lines = [
         f"{m['arch']} (`{SPECS[0].parent.relative_to(ROOT)}/{m['arch']}.toml`):",
         "",
-        "| op | args | returns | site bytes | site clobbers | " + " | ".join(backends) + " |",
+        "| op | args | returns | site bytes (budget) | site clobbers | "
+        + " | ".join(backends) + " |",
         "|---|---|---|---|---|" + "---|" * len(backends),
     ]
     for op in m["ops"]:
@@ -50,7 +54,7 @@ def table(m: dict) -> list[str]:
         clob = ", ".join(op["clobbers"]) or "none"
         cells = " | ".join(cell(op["bodies"].get(b)) for b in backends)
         lines.append(f"| {op['name']} | {args} | {op['returns'] or 'void'} | "
-                     f"{op['site_size']} | {clob} | {cells} |")
+                     f"{op['site_size']} ({op['site_budget']}) | {clob} | {cells} |")
     return lines
 
 
