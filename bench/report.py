@@ -241,6 +241,18 @@ def _ring0(res: Results) -> list[str]:
     if "ring0" in res.errors:
         out += [f"Partly measured: {res.errors['ring0']}", ""]
     out += r0.markdown()
+    out += ["", "**What patched native still pays.** A patched native site executes its "
+            "body and nothing else: the padding is redundant prefixes on the body's own "
+            "instructions (docs/FORMAT.md, section Padding), so no NOP and no jump retire. "
+            "The instructions the tables above still show over no paravirt are not in the "
+            "sites but around them: moves that put an op's arguments and result in the "
+            "registers its asm statement pins them to (every backend's body and the thunks "
+            "expect them there; in x86_64 `bench_workload()` these are `mov %rax,%r9`, "
+            "`mov %rcx,%rdi` and `mov %r9,%rdi`, found by diffing its objdump against the "
+            "no-paravirt build), and reloads after a site, which is a compiler barrier "
+            "(`\"memory\"` clobber: hypervisor bodies store to memory) where the "
+            "no-paravirt instruction is not (i386 `write_cr3` re-reads %cr3 in its loop). "
+            "Neither can go while one site must hold every backend's body."]
     out += [""] + before.markdown({a: r0.workload_pct(a) for a in r0.workload})
     return out + [""]
 
