@@ -13,20 +13,25 @@ Two assemblers, two jobs:
   section sizes are the body lengths gen-stubs uses, and a body is rejected
   only when GNU as rejects it (keystone lacks some instructions, such as
   endbr64 and sysretq).
+
+GNU as is the `as` found on PATH, resolved once (find_assembler): the path
+gen-stubs runs is the path its cache is keyed by, with that program's
+`--version`. Heavy modules (multiprocessing, subprocess, keystone, elftools,
+and linkfix's body checks) are imported only when something is assembled, so
+the cache can ask which assembler is in use without paying for them.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
 
-from linkfix.arch import Arch
-from linkfix.body import Body, is_label, rename_labels
-from linkfix.bodycheck import Reloc
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (a cached run's cost)
+if TYPE_CHECKING:
+    from linkfix.arch import Arch
+    from linkfix.body import Body
+    from linkfix.bodycheck import Reloc
 
 KS_TIMEOUT = 5.0  # seconds for one body; a well-formed body takes microseconds
 PLACEHOLDER = "0x12345678"
@@ -61,6 +66,8 @@ class Measured:
 
 def keystone_source(statements: tuple[str, ...] | list[str]) -> str:
     """The body with symbols replaced by numbers and numeric labels named, for keystone."""
+    from linkfix.body import is_label, rename_labels
+
     out: list[str] = []
     for st in rename_labels(statements, lambda n: f"lf_l{n}"):
         if is_label(st) or st.startswith("."):
@@ -98,6 +105,8 @@ def keystone_assemble(arch: Arch, texts: list[str],
     Returns one (status, value) per text: ("ok", bytes), ("err", message) or
     ("timeout", None).
     """
+    import multiprocessing
+
     results: list[tuple[str, bytes | str | None]] = []
     ctx = multiprocessing.get_context("fork")
     todo = list(texts)
@@ -155,6 +164,8 @@ _GAS_MSG = re.compile(r"^[^:]*:(\d+): (Error|Fatal error): (.*)$")
 
 def _section_code(elf, i: int) -> tuple[bytes, tuple[Reloc, ...]]:  # type: ignore[no-untyped-def]
     """Body i's bytes and relocations (REL addends read from the field)."""
+    from linkfix.bodycheck import Reloc
+
     sec = elf.get_section_by_name(f".lfb.{i}")
     if sec is None:
         return b"", ()
@@ -176,11 +187,59 @@ def _section_code(elf, i: int) -> tuple[bytes, tuple[Reloc, ...]]:  # type: igno
     return data, tuple(relocs)
 
 
-def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
-                 bodies: list[tuple[str, ...]]) -> list[tuple[bytes, tuple[Reloc, ...]]]:
-    """Assemble the bodies with GNU as; their code, or MeasureError for the first bad one."""
+def find_assembler() -> str | None:
+    """The absolute path of the `as` on PATH (what running "as" would run), or None."""
+    for d in os.get_exec_path():
+        path = os.path.abspath(os.path.join(d, "as"))
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def assembler_version(path: str) -> str | None:
+    """`path --version`'s output (C locale), or None if it cannot be run or fails.
+
+    Spawned directly: importing subprocess would cost an unchanged gen-stubs run
+    more than the assembler's start-up does.
+    """
+    env = dict(os.environ, LC_ALL="C")
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(path, [path, "--version"], env, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, w, 1),
+            (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+    except OSError:
+        os.close(r)
+        return None
+    finally:
+        os.close(w)
+    chunks: list[bytes] = []
+    try:
+        with os.fdopen(r, "rb") as out:
+            while chunk := out.read(65536):
+                chunks.append(chunk)
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return None
+    return b"".join(chunks).decode(errors="replace")
+
+
+def gas_assemble(arch: Arch, keys: list[tuple[str, str]], bodies: list[tuple[str, ...]],
+                 assembler: str | None = None) -> list[tuple[bytes, tuple[Reloc, ...]]]:
+    """Assemble the bodies with GNU as (`assembler`, default the `as` on PATH); their
+    code, or MeasureError for the first bad one."""
+    if not bodies:
+        return []
+    import subprocess
+    import tempfile
+
     from elftools.elf.elffile import ELFFile
 
+    gas = assembler or find_assembler()
+    if gas is None:
+        raise MeasureError(keys[0], "GNU as not found (install binutils)")
     source, owner = _gas_source(arch, bodies)
     with tempfile.TemporaryDirectory(prefix="linkfix-measure-") as tmp:
         src = os.path.join(tmp, "bodies.s")
@@ -189,7 +248,7 @@ def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
             f.write(source)
         flag = "--64" if arch.elf_class == 64 else "--32"
         try:
-            proc = subprocess.run(["as", flag, "-o", obj, src], capture_output=True, text=True)
+            proc = subprocess.run([gas, flag, "-o", obj, src], capture_output=True, text=True)
         except FileNotFoundError:
             raise MeasureError(keys[0], "GNU as not found (install binutils)") from None
         if proc.returncode != 0:
@@ -212,12 +271,16 @@ def gas_assemble(arch: Arch, keys: list[tuple[str, str]],
 # ---------------------------------------------------------------- both
 
 
-def measure(arch: Arch, items: list[tuple[tuple[str, str], Body]]) -> dict[tuple[str, str],
-                                                                           Measured]:
-    """Measure every body; keys are (op, backend). Raises MeasureError."""
+def measure(arch: Arch, items: list[tuple[tuple[str, str], Body]],
+            assembler: str | None = None) -> dict[tuple[str, str], Measured]:
+    """Measure every body; keys are (op, backend). Raises MeasureError.
+
+    `assembler`: GNU as to run (default: the `as` on PATH).
+    """
     texts = [keystone_source(body.statements) for _, body in items]
     ks = keystone_assemble(arch, texts) if items else []
-    code = gas_assemble(arch, [k for k, _ in items], [b.statements for _, b in items])
+    code = gas_assemble(arch, [k for k, _ in items], [b.statements for _, b in items],
+                        assembler)
     out: dict[tuple[str, str], Measured] = {}
     for (key, _body), (status, value), (c, relocs) in zip(items, ks, code, strict=True):
         if len(c) > MAX_BODY:
