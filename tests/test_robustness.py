@@ -19,6 +19,7 @@ import stat
 import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -121,20 +122,76 @@ class Elf:
         at = self.data.index(old + b"\0", self.names_at())
         self.data[at:at + len(old)] = new
 
+    # .linkfix.sites: op site record i; .linkfix.branches: branch site record j
     def rec(self, i: int) -> int:
-        return self.t.sites_region.offset + i * self.t.rec_size
+        return self.t.sites_region.offset + i * layout.SITE_REC_SIZE
 
     def rec_vaddr(self, i: int) -> int:
-        return self.t.sites_region.vaddr + i * self.t.rec_size
+        return self.t.sites_region.vaddr + i * layout.SITE_REC_SIZE
+
+    def brec(self, j: int) -> int:
+        return self.t.branches_region.offset + j * layout.BRANCH_REC_SIZE
+
+    def brec_vaddr(self, j: int) -> int:
+        return self.t.branches_region.vaddr + j * layout.BRANCH_REC_SIZE
 
     def site_at(self, i: int, vaddr: int) -> None:
         struct.pack_into("<i", self.data, self.rec(i), vaddr - self.rec_vaddr(i))
 
-    def body_addr(self, i: int, k: int) -> int:
-        return self.t.body_addr(i, k)
-
     def site_addr(self, i: int) -> int:
-        return self.t.site_addr(i)
+        """Site i as linked: op records first, then branch records (tables.Checked order)."""
+        n = self.t.n_op_sites
+        if i < n:
+            return self.rec_vaddr(i) + struct.unpack_from("<i", self.img.data, self.rec(i))[0]
+        j = i - n
+        return self.brec_vaddr(j) + struct.unpack_from("<i", self.img.data, self.brec(j))[0]
+
+    # .linkfix.meta: the body table entry of (op, k), its stored copy, recorded targets
+    def entry(self, op: int, k: int) -> int:
+        """File offset of the 16-byte body table entry of alternative k of op."""
+        return self.t.meta_region.offset + self.t.meta.table_offset() + \
+            layout.BODY.size * (op * self.t.n_alts + k)
+
+    def copy_addr(self, op: int, k: int) -> int:
+        addr = self.t.meta.alt(op, k).addr
+        assert addr is not None
+        return addr
+
+    def copy(self, op: int, k: int) -> bytes:
+        off = self.img.offset_of(self.copy_addr(op, k))
+        assert off is not None
+        return bytes(self.data[off:off + self.t.meta.alt(op, k).digest.length])
+
+    def put_copy(self, op: int, k: int, code: bytes, fix_crc: bool = False) -> bytes:
+        """Overwrite the start of the stored copy; with `fix_crc`, make the header's digest
+        agree (as a consistent hostile gen-stubs output would). Returns the whole copy."""
+        off = self.img.offset_of(self.copy_addr(op, k))
+        assert off is not None
+        self.data[off:off + len(code)] = code
+        whole = self.copy(op, k)
+        if fix_crc:
+            d = self.t.meta.alt(op, k).digest
+            struct.pack_into("<I", self.data, self.entry(op, k) + 4,
+                             zlib.crc32(layout.masked(whole, d.fields)))
+        return whole
+
+    def recorded_target(self, op: int, k: int, field: int = 0) -> int:
+        """File offset of the recorded target (a self-relative word) of a field of (op, k)."""
+        meta = self.t.meta
+        fields, _links = meta._fields()
+        at = meta.table_offset() + layout.BODY.size * len(meta.ops) * meta.n_alts + len(fields)
+        for o in range(len(meta.ops)):
+            for a in range(meta.n_alts):
+                for j, link in enumerate(meta.alt(o, a).digest.links):
+                    if (o, a, j) == (op, k, field):
+                        fmt = "<q" if meta.word == 8 else "<i"
+                        value = struct.unpack_from(fmt, self.img.data,
+                                                   self.t.meta_region.offset + at)[0]
+                        mask = (1 << (8 * meta.word)) - 1
+                        assert (self.t.meta_region.vaddr + at + value) & mask == link.target
+                        return self.t.meta_region.offset + at
+                    at += meta.word * link.recorded
+        raise AssertionError((op, k, field))
 
     def write(self) -> Path:
         self.path.write_bytes(self.data)
@@ -257,6 +314,9 @@ def test_truncated_and_inconsistent_tables(elf: Elf) -> None:
     n_ops = len(elf.t.meta.ops)
     meta_size = elf.t.meta_region.size
     sites_size = elf.t.sites_region.size
+    branches_size = elf.t.branches_region.size
+    assert branches_size == 2 * layout.BRANCH_REC_SIZE
+    bounds = elf.t.meta.table_offset() - layout.BOUNDS.size  # in .linkfix.meta
     cases: list[tuple[Callable[[Elf], None], str]] = [
         (lambda e: e.section(meta, size=20),
          f"{meta}: section {meta} gives {elf.t.meta_region.vaddr:#x} (20 bytes) but "
@@ -266,6 +326,26 @@ def test_truncated_and_inconsistent_tables(elf: Elf) -> None:
          f".linkfix.sites: section .linkfix.sites gives {elf.t.sites_region.vaddr:#x} "
          f"({sites_size - 4} bytes) but __linkfix_sites_start..__linkfix_sites_end gives "
          f"{elf.t.sites_region.vaddr:#x} ({sites_size} bytes)"),
+        # One whole record short, by any one of the three descriptions: never patched short.
+        (lambda e: e.section(".linkfix.sites", size=sites_size - layout.SITE_REC_SIZE),
+         f".linkfix.sites: section .linkfix.sites gives {elf.t.sites_region.vaddr:#x} "
+         f"({sites_size - 8} bytes) but __linkfix_sites_start..__linkfix_sites_end gives "
+         f"{elf.t.sites_region.vaddr:#x} ({sites_size} bytes)"),
+        (lambda e: e.section(".linkfix.branches", size=branches_size - layout.BRANCH_REC_SIZE),
+         f".linkfix.branches: section .linkfix.branches gives "
+         f"{elf.t.branches_region.vaddr:#x} ({branches_size - 16} bytes) but "
+         "__linkfix_branches_start..__linkfix_branches_end gives "
+         f"{elf.t.branches_region.vaddr:#x} ({branches_size} bytes)"),
+        (lambda e: e.meta(bounds + 4, "<i", struct.unpack_from(
+            "<i", e.data, e.t.meta_region.offset + bounds + 4)[0] - layout.SITE_REC_SIZE),
+         f".linkfix.sites: section .linkfix.sites gives {elf.t.sites_region.vaddr:#x} "
+         f"({sites_size} bytes) but the bounds in .linkfix.meta gives "
+         f"{elf.t.sites_region.vaddr:#x} ({sites_size - 8} bytes)"),
+        (lambda e: e.meta(bounds + 12, "<i", struct.unpack_from(
+            "<i", e.data, e.t.meta_region.offset + bounds + 12)[0] + layout.BRANCH_REC_SIZE),
+         f".linkfix.branches: section .linkfix.branches gives "
+         f"{elf.t.branches_region.vaddr:#x} ({branches_size} bytes) but the bounds in "
+         f".linkfix.meta gives {elf.t.branches_region.vaddr:#x} ({branches_size + 16} bytes)"),
         (lambda e: e.meta(14, "<H", 0), f"{meta}: n_ops {n_ops} / n_backends 0 inconsistent"),
         (lambda e: e.meta(18, "<H", 0x7000), f"{meta}: name table runs past the header"),
         (lambda e: e.meta(18, "<H", e.t.meta_region.size - 28 - n_ops - 4),
@@ -358,11 +438,18 @@ def test_sites_table_not_aligned(elf: Elf) -> None:
             f"{sites.vaddr:#x} ({sites.size} bytes)", out)
 
 
-def test_record_without_generic_alternative(elf: Elf) -> None:
+def test_op_without_generic_alternative(elf: Elf) -> None:
     out = elf.path.parent / "out"
-    struct.pack_into("<iBB", elf.data, elf.rec(1) + 8, 0, 0, 0)  # generic: absent
+    # Format 3 keeps the alternatives per op in the header's body table, not per site.
+    elf.data[elf.entry(1, 0):elf.entry(1, 0) + layout.BODY.size] = bytes(layout.BODY.size)
     refused(command("verify", elf.write(), out), elf.path,
-            f"site {elf.site_addr(1):#x} (op_b): no generic alternative", out)
+            f"{layout.META_SECTION}: op op_b alternative generic: absent: every op has its "
+            "generic alternative", out)
+    # Only the present bit cleared: the entry still names a copy.
+    e = Elf(Path(elf.img.path), elf.path)
+    e.data[e.entry(1, 0) + 9] = 0
+    refused(command("patch", e.write(), out), elf.path,
+            f"{layout.META_SECTION}: op 1 alternative 0: absent, but its entry is not empty", out)
 
 
 @pytest.fixture(scope="module")
@@ -397,8 +484,10 @@ def test_relocation_sections_inconsistent(linked: dict[str, Path], tmp_path: Pat
     e = Elf(linked["relocs"], tmp_path / "vmlinux")
     link = 40 if e.w64 else 24
     struct.pack_into("<I", e.data, e.shdr_at(".rela.linkfix.repl") + link, 0)
-    first_xen = next(i for i in range(e.t.n_sites)
-                     if e.t.shape(i).op == 0 and e.t.shape(i).alts[2].present)
+    # The first site whose xen copy has a relocation to move: irq_disable (gs_movb).
+    assert e.t.meta.ops[0] == "irq_disable" and e.t.meta.alt(0, 2).digest.fields
+    first_xen = next(i for i in range(e.t.n_op_sites)
+                     if struct.unpack_from("<H", e.data, e.rec(i) + 4)[0] == 0)
     refused(command("patch", e.write(), out), e.path,
             f"site {e.site_addr(first_xen):#x} (irq_disable): relocation sections .rela.text "
             "and .rela.linkfix.repl differ in kind or symbol table; cannot move relocations",
@@ -442,7 +531,7 @@ def test_unreadable_dwarf(linked: dict[str, Path], tmp_path: Path) -> None:
     assert rc == 0, err  # patch and verify never read DWARF
 
 
-# -- site records and bodies -----------------------------------------------------------------
+# -- site records and stored copies ----------------------------------------------------------
 
 
 def test_site_over_the_tables_or_the_elf_header(elf: Elf) -> None:
@@ -456,7 +545,7 @@ def test_site_over_the_tables_or_the_elf_header(elf: Elf) -> None:
             f"site {meta:#x} (op_b): lies in .linkfix.meta", out)
     e = Elf(Path(elf.img.path), elf.path)
     e.phdr_flags(1, 5)
-    rec = e.rec_vaddr(0) + 40
+    rec = e.rec_vaddr(5)
     e.site_at(0, rec)
     refused(command("patch", e.write(), out), elf.path,
             f"site {rec:#x} (op_a): lies in .linkfix.sites", out)
@@ -465,80 +554,121 @@ def test_site_over_the_tables_or_the_elf_header(elf: Elf) -> None:
     e.site_at(2, top)
     refused(command("verify", e.write(), out), elf.path,
             f"site {top:#x} (op_a): lies in the ELF header", out)
+    # Branch records: a branch site over .linkfix.branches or the stored copies.
+    for name, table, rec_j in ((".linkfix.branches", e.t.branches_region, 1),
+                               (".linkfix.repl", e.t.repl_region, 0)):
+        assert table is not None and table.size >= 5
+        e = Elf(Path(elf.img.path), elf.path)
+        e.phdr_flags(1, 5)
+        struct.pack_into("<i", e.data, e.brec(rec_j), table.vaddr - e.brec_vaddr(rec_j))
+        op = ("backend_is(native)", "backend_is(xen)")[rec_j]
+        refused(command("patch", e.write(), out), elf.path,
+                f"site {table.vaddr:#x} ({op}): lies in {name}", out)
 
 
-def test_body_outside_repl(elf: Elf) -> None:
+def test_copy_outside_repl(elf: Elf) -> None:
     out = elf.path.parent / "out"
-    # The xen body of site 0 (op_a, gs_movb) pointed at site 1's bytes in .text.
+    # The body table entry of op_a xen (gs_movb) pointed at site 1's bytes in .text.
     target = elf.site_addr(1)
-    field = elf.rec(0) + 8 + 8 * 2
-    struct.pack_into("<i", elf.data, field, target - (elf.rec_vaddr(0) + 8 + 8 * 2))
+    entry = elf.entry(0, 2)
+    struct.pack_into("<i", elf.data, entry, target - (elf.t.meta_region.vaddr + entry
+                                                      - elf.t.meta_region.offset))
     n = 9 if elf.w64 else 8
+    # Every copy is checked, the selected ones or not.
     refused(command("patch", elf.write(), out, "native"), elf.path,
-            f"site {elf.site_addr(0):#x} (op_a): alternative xen: body at {target:#x} "
-            f"({n} bytes) outside .linkfix.repl", out)
+            f"{layout.META_SECTION}: op op_a alternative xen: copy at {target:#x} ({n} bytes) "
+            "lies outside .linkfix.repl", out)
 
 
-def _put_body(e: Elf, i: int, k: int, code: bytes) -> None:
-    off = e.img.offset_of(e.body_addr(i, k))
-    assert off is not None
-    e.data[off:off + len(code)] = code
-
-
-def test_bodies_that_cannot_be_placed(elf: Elf) -> None:
+def test_copies_that_cannot_be_placed(elf: Elf) -> None:
     out = elf.path.parent / "out"
-    s0 = elf.site_addr(0)
-    # op_a native `cli` replaced by a lone 0x0f: no instruction.
-    _put_body(elf, 0, 1, b"\x0f")
-    d = elf.t.meta.digests[0][1]
+    meta = layout.META_SECTION
+    # op_a native `cli` (and its padding) with a lone 0x0f first: not what gen-stubs stored.
+    code = elf.put_copy(0, 1, b"\x0f")
+    d = elf.t.meta.alt(0, 1).digest
     refused(command("patch", elf.write(), out, "native"), elf.path,
-            f"site {s0:#x} (op_a): alternative native: body 0f does not match the digest "
-            f"gen-stubs recorded ({d.length} bytes, crc {d.crc:#010x})", out)
-    # op_a lguest (5 bytes): `je` into the middle of a `jmp` that leaves the body.
+            f"{meta}: op op_a alternative native: copy {code.hex()} does not match the digest "
+            f"gen-stubs recorded (crc {d.crc:#010x})", out)
+    # op_a lguest: `je` into the middle of a `jmp` that leaves the copy, with a digest
+    # that agrees: the decoded copy has a PC-relative field the header does not record.
     e = Elf(Path(elf.img.path), elf.path)
-    _put_body(e, 0, 3, b"\x74\x01\xeb\xf9\x90")
-    d = elf.t.meta.digests[0][3]
+    code = e.put_copy(0, 3, b"\x74\x01\xeb\xf9\x90", fix_crc=True)
     refused(command("patch", e.write(), out, "lguest"), elf.path,
-            f"site {s0:#x} (op_a): alternative lguest: body 7401ebf990 does not match the "
-            f"digest gen-stubs recorded ({d.length} bytes, crc {d.crc:#010x})", out)
-    # backend_is(xen) (record 11): the true branch flagged as a jmp but not one.
+            f"{meta}: op op_a alternative lguest: copy {code.hex()}: its PC-relative fields "
+            "[(3, 1)] are not the relocated fields the header records []", out)
+    # backend_is(xen) (op 3), alternative xen: the jmp to the site's "true" label is
+    # stored nowhere; a body table entry that names a copy is corrupt.
     e = Elf(Path(elf.img.path), elf.path)
-    _put_body(e, 11, 2, b"\x90")
+    struct.pack_into("<i", e.data, e.entry(3, 2), 0x40)
     refused(command("patch", e.write(), out, "xen"), elf.path,
-            f"site {e.site_addr(11):#x} (backend_is(xen)): alternative xen: flagged as a jmp "
-            "but starts with 0x90", out)
+            f"{meta}: op backend_is(xen) alternative xen: not the 5-byte jmp to a label of its "
+            "site", out)
+    # The branches' shared 5-byte NOP ("false") changed: refused for the first op using it.
+    e = Elf(Path(elf.img.path), elf.path)
+    code = e.put_copy(2, 2, b"\x90")
+    crc = e.t.meta.alt(2, 2).digest.crc
+    assert e.copy_addr(2, 2) == e.copy_addr(3, 1)
+    refused(command("verify", e.write(), out), elf.path,
+            f"{meta}: op backend_is(native) alternative xen: copy {code.hex()} does not match "
+            f"the digest gen-stubs recorded (crc {crc:#010x})", out)
 
 
-@pytest.mark.parametrize("i", [0, 2])
-def test_rip_relative_displacement_out_of_range(tmp_path: Path, i: int) -> None:
-    ops = (si.SynthOp("far", {"native": "cli", "lguest": "rip_movl"}),)
+FAR_OPS = (si.SynthOp("far", {"native": "cli", "lguest": "rip_movl"}),)
+
+
+def _far(tmp_path: Path) -> Elf:
     path = tmp_path / "vmlinux"
-    si.build_fast(str(path), 4, 64, ops=ops, site_ops=[0, 0, 0, 0])
-    e = Elf(path, path)
-    # The body's target: 2 GiB - 256 after the body; from the site (before .linkfix.repl)
-    # that is more than a signed 32-bit displacement reaches.
-    off = e.img.offset_of(e.body_addr(i, 3))
+    si.build_fast(str(path), 4, 64, ops=FAR_OPS, site_ops=[0, 0, 0, 0])
+    return Elf(path, path)
+
+
+@pytest.mark.parametrize("where", ["copy", "record"])
+def test_rip_relative_displacement_out_of_range(tmp_path: Path, where: str) -> None:
+    e = _far(tmp_path)
+    off = e.img.offset_of(e.copy_addr(0, 3))
     assert off is not None and e.data[off:off + 2] == b"\xc7\x05"
-    struct.pack_into("<i", e.data, off + 2, 0x7FFFFF00)
-    e.write()
     out = tmp_path / "out"
-    where = f"site {e.site_addr(i):#x} (far): alternative lguest: "
-    # The header records where the link pointed the field: a copy that reaches
-    # elsewhere (here 2 GiB away, out of the site's reach) is refused before any
-    # relocation is tried, the first copy or a later one.
-    body = bytes(e.data[off:off + 10]).hex()
-    message = (f"the relocated field at +2 of body {body} does not point where the link "
-               "pointed it (the header's record)")
-    refused(command("patch", path, out, "lguest"), path, where + message, out)
+    if where == "copy":
+        # The copy's field aimed 2 GiB - 256 after it: the header records where the link
+        # pointed the field, and a copy that reaches elsewhere is refused before any site
+        # is touched.
+        struct.pack_into("<i", e.data, off + 2, 0x7FFFFF00)
+        message = (f"{layout.META_SECTION}: op far alternative lguest: the relocated field at "
+                   f"+2 of copy {e.copy(0, 3).hex()} does not point where the link pointed it")
+    else:
+        # The recorded target 4 GiB further: the copy's 32-bit field agrees (modulo 2**32),
+        # but no site reaches it with a signed 32-bit displacement.
+        at = e.recorded_target(0, 3)
+        value = struct.unpack_from("<q", e.data, at)[0]
+        struct.pack_into("<q", e.data, at, value + (1 << 32))
+        message = (f"site {e.site_addr(0):#x} (far): alternative lguest: relocated "
+                   "displacement does not fit in 32 bits")
+    refused(command("patch", e.write(), out, "lguest"), e.path, message, out)
+    if where == "record":  # the generic and native alternatives need no such field
+        rc, _o, err = run(*command("patch", e.path, out, "native"))
+        assert rc == 0, err
 
 
-def test_inspect_shows_a_body_that_cannot_be_placed(elf: Elf) -> None:
+def test_inspect_shows_a_copy_that_cannot_be_placed(tmp_path: Path) -> None:
     # inspect reports per alternative instead of failing: the image is still readable.
-    _put_body(elf, 0, 1, b"\x0f")
-    rc, out, err = run("inspect", str(elf.write()))
+    e = _far(tmp_path)
+    at = e.recorded_target(0, 3)
+    struct.pack_into("<q", e.data, at, struct.unpack_from("<q", e.data, at)[0] + (1 << 32))
+    rc, out, err = run("inspect", str(e.write()))
     assert rc == 0, err
-    assert "native     (cannot be placed: alternative native: body 0f does not match the " \
-        "digest gen-stubs recorded" in out
+    assert out.count("lguest     (cannot be placed: alternative lguest: relocated displacement "
+                     "does not fit in 32 bits)") == 4
+    assert out.count("native     cli") == 4
+
+
+def test_inspect_refuses_a_corrupt_copy(elf: Elf) -> None:
+    # A copy that is not what gen-stubs stored is refused by every command: inspect too
+    # checks every copy once, before it reads any site.
+    code = elf.put_copy(0, 1, b"\x0f")
+    d = elf.t.meta.alt(0, 1).digest
+    refused(["inspect", str(elf.write())], elf.path,
+            f"{layout.META_SECTION}: op op_a alternative native: copy {code.hex()} does not "
+            f"match the digest gen-stubs recorded (crc {d.crc:#010x})")
 
 
 # -- selection -------------------------------------------------------------------------------
@@ -652,7 +782,8 @@ def test_disk_full_tmpfs(base: Path, tmp_path: Path) -> None:
         big = small / "big"
         big.write_bytes(bytes(40 * 1024))  # leave ~24 KiB
         image_big = tmp_path / "image"
-        si.build_fast(str(image_big), 400, 64, ops=OPS)
+        si.build_fast(str(image_big), 2000, 64, ops=OPS)
+        assert image_big.stat().st_size > 2 * 24 * 1024  # format 3 images are compact
         out = small / "out"
         refused(["patch", str(image_big), "-o", str(out), "--target", "xen"], out,
                 "cannot write output: No space left on device", out)
@@ -708,7 +839,7 @@ def test_in_place_failure_leaves_the_input(elf: Elf) -> None:
     before = path.read_bytes()
     inode = path.stat().st_ino
     rc, _o, err = run("patch", str(path), "--in-place", "--target", "xen")
-    assert rc == 2 and "op index 99 out of range" in err
+    assert rc == 2 and "op index 99 is not an op (n_real_ops 2)" in err
     assert path.read_bytes() == before and path.stat().st_ino == inode
     assert temp_files(path.parent) == []
 
@@ -815,7 +946,7 @@ def test_real_cli_prints_no_traceback(elf: Elf) -> None:
         r = proc(*command(cmd, path, path.parent / "out"))
         assert r.returncode == 2 and r.stdout == ""
         assert r.stderr == (f"linkfix: {path}: site {elf.site_addr(0):#x} (op#99): op index 99 "
-                            f"out of range (n_ops 5)\n")
+                            "is not an op (n_real_ops 2)\n")
 
 
 # -- reproducibility -------------------------------------------------------------------------
