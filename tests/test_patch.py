@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import synthimage as si
 
 from linkfix import image, layout, tables
 from linkfix.cli import main
-from linkfix.padding import pad
+from linkfix.sitefill import nop_fill
 
 
 def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -53,8 +54,50 @@ def read_sites(path: str) -> tuple[bytes, list[tuple[int, int]]]:
     spans = []
     for i, s in enumerate(chk.site_addrs):
         off = img.offset_of(s, 1)
-        spans.append((off, t.shape(i).site_len))
+        spans.append((off, chk.shape_of(i).site_len))
     return img.data, spans
+
+
+def alt_kind(synth: si.Synth, site: si.SiteInfo, k: int) -> str:
+    """The body kind of alternative k of an op site ("generic" for k = 0)."""
+    return "generic" if k == 0 else synth.ops[site.op].bodies[synth.backends[k - 1]]
+
+
+def pcrel_fields(synth: si.Synth, site: si.SiteInfo, k: int) -> list[tuple[int, int]]:
+    """(pos, target) of every PC-relative field of the stored copy of an op site's
+    alternative k, as synthimage recorded them for the link."""
+    op = synth.ops[site.op]
+    d = si.kind_digest(alt_kind(synth, site, k), synth.bits, site.op, op.name, synth.env,
+                       site_len=site.length)
+    return [(pos, link.target) for (pos, size), link in zip(d.fields, d.links, strict=True)
+            if link.pcrel and link.target is not None and size == 4]
+
+
+def expected_site(synth: si.Synth, site: si.SiteInfo, k: int, img: image.Image | None = None
+                  ) -> bytes:
+    """The exact bytes `site` holds patched to alternative k (k must have a body), from
+    format 3's rule alone: a branch site's jump is `e9` to its recorded target; any other
+    alternative is the op's one stored copy (the whole site), each 32-bit PC-relative field
+    at pos re-aimed to hold `target - site - pos`. Cross-checked against the body
+    assembled at the site's own address."""
+    addr, n, flags = site.bodies[k]  # type: ignore[misc]
+    assert n == site.length
+    if flags & layout.FLAG_JMP:
+        return b"\xe9" + struct.pack("<I", (addr - site.addr - 5) & 0xFFFFFFFF)
+    img = img or image.load(synth.path)
+    copy = img.read(addr, n)
+    assert copy is not None and len(copy) == n
+    out = bytearray(copy)
+    if site.op < len(synth.ops):
+        for pos, target in pcrel_fields(synth, site, k):
+            # The copy's field is aimed from the copy's own address.
+            assert struct.unpack_from("<I", copy, pos)[0] == (target - addr - pos) & 0xFFFFFFFF
+            struct.pack_into("<I", out, pos, (target - site.addr - pos) & 0xFFFFFFFF)
+        assert bytes(out) == si.finished(alt_kind(synth, site, k), synth.bits, n, synth.env,
+                                         site.addr, site.op)
+    else:
+        assert bytes(out) == nop_fill(5)  # a branch site's "false": the one stored 5-byte NOP
+    return bytes(out)
 
 
 def state_span(path: str) -> tuple[int, int]:
@@ -80,29 +123,116 @@ def test_patch_changes_only_sites_and_state(synth: si.Synth, tmp_path: Path, tar
     before, spans = read_sites(synth.path)
     after = out.read_bytes()
     assert changed_outside(before, after, [*spans, state_span(synth.path)]) == []
-    # Every site now holds the chosen body (or generic when the op has none), padded
-    # with exactly one instruction.
+    # Every site now holds the chosen alternative (or generic when the op has none),
+    # byte for byte.
     t = tables.load(image.load(str(out)))
     assert t.meta.patched == 1
     assert t.meta.target == (0 if target == "generic" else synth.backends.index(target) + 1)
     k = t.meta.target
     img = image.load(str(out))
+    kinds = set()
     for site in synth.sites:
-        alt = site.bodies[k] or site.bodies[0]
+        kk = k if site.bodies[k] is not None else 0
         got = img.read(site.addr, site.length)
-        assert got is not None
-        if alt[1] == 0:
-            assert got == pad(site.length)
-        elif alt[2] & layout.FLAG_CALL or alt[2] & layout.FLAG_JMP:
-            opcode = got[0]
-            assert opcode == (0xE8 if alt[2] & layout.FLAG_CALL else 0xE9)
-            dest = site.addr + 5 + int.from_bytes(got[1:5], "little", signed=True)
-            body = img.read(alt[0], 5)
-            assert body is not None
-            assert dest == alt[0] + 5 + int.from_bytes(body[1:5], "little", signed=True)
-            assert got[5:] == pad(site.length - 5)
+        assert got == expected_site(synth, site, kk, img), (hex(site.addr), site.op, kk)
+        kinds.add((site.kind, kk))
+    assert {kind for kind, _k in kinds} == {layout.KIND_OP, layout.KIND_BRANCH}
     rc, _, err = cli("verify", "-q", str(out))
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("target", ["native", "xen", "lguest", "generic"])
+def test_every_site_of_an_op_gets_its_one_copy(synth: si.Synth, tmp_path: Path,
+                                               target: str) -> None:
+    """Format 3 stores one copy per op and alternative: after patching, every site of an
+    op holds the same bytes as that copy except its PC-relative fields, which each hold
+    `target - site - pos` (so field + site address is the same at every site)."""
+    out = tmp_path / "out"
+    assert cli("patch", synth.path, "-o", str(out), "--target", target)[0] == 0
+    img = image.load(str(out))
+    k = 0 if target == "generic" else synth.backends.index(target) + 1
+    by_op: dict[int, list[si.SiteInfo]] = {}
+    for site in synth.sites:
+        if site.op < len(synth.ops):
+            by_op.setdefault(site.op, []).append(site)
+    shared = 0
+    for op, sites in by_op.items():
+        kk = k if sites[0].bodies[k] is not None else 0
+        addr, n, _flags = sites[0].bodies[kk]  # type: ignore[misc]
+        assert all(x.bodies[kk] == sites[0].bodies[kk] for x in sites)  # one copy per op
+        copy = img.read(addr, n)
+        assert copy is not None
+        fields = [pos for pos, _t in pcrel_fields(synth, sites[0], kk)]
+
+        def masked(code: bytes, fields: list[int] = fields) -> bytes:
+            b = bytearray(code)
+            for pos in fields:
+                b[pos:pos + 4] = bytes(4)
+            return bytes(b)
+
+        aims = set()
+        for x in sites:
+            got = img.read(x.addr, x.length)
+            assert got is not None and len(got) == n
+            assert masked(got) == masked(copy), (op, hex(x.addr))
+            aims.add(tuple((struct.unpack_from("<i", got, pos)[0] + x.addr + pos) & 0xFFFFFFFF
+                           for pos in fields))
+        assert aims == {tuple((struct.unpack_from("<i", copy, pos)[0] + addr + pos)
+                              & 0xFFFFFFFF for pos in fields)}
+        if fields and len(sites) > 1:
+            shared += 1
+            assert len({img.read(x.addr, x.length) for x in sites}) == len(sites)
+    assert shared or target == "native"  # some op's sites differ only in their fields
+
+
+def test_a_site_unlike_its_state_record_is_refused(synth: si.Synth, tmp_path: Path) -> None:
+    """patch rewrites a site only when it holds exactly what the state record implies:
+    one byte changed at one site, inside a re-aimed PC-relative field or outside it, in
+    every op (one, two or no fields; branch sites), is refused naming that site, and
+    verify reports it."""
+    mid = tmp_path / "mid"
+    assert cli("patch", synth.path, "-o", str(mid), "--target", "xen")[0] == 0
+    base = mid.read_bytes()
+    img = image.load(str(mid))
+    names = synth.op_names
+    xen = synth.backends.index("xen") + 1
+    first: dict[int, si.SiteInfo] = {}
+    for site in synth.sites:
+        first.setdefault(site.op, site)
+    assert len(first) == len(names)
+    n_tried = 0
+    for op, site in sorted(first.items()):
+        k = xen if site.bodies[xen] is not None else 0
+        want = expected_site(synth, site, k, img)
+        assert img.read(site.addr, site.length) == want
+        if site.op < len(synth.ops):
+            fields = [pos for pos, _t in pcrel_fields(synth, site, k)]
+        else:
+            fields = [1] if site.bodies[k][2] & layout.FLAG_JMP else []  # type: ignore[index]
+        where = [fields[-1] + 3] if fields else []
+        where.append(next(j for j in range(site.length)
+                          if not any(p <= j < p + 4 for p in fields)))
+        for j in where:
+            data = bytearray(base)
+            off = img.offset_of(site.addr, site.length)
+            assert off is not None
+            data[off + j] ^= 0x10
+            bad = tmp_path / f"bad-{op}-{j}"
+            bad.write_bytes(data)
+            out = tmp_path / "out"
+            rc, _, err = cli("patch", str(bad), "-o", str(out), "--target", "native")
+            got = bytes(data[off:off + site.length]).hex()
+            alt = "generic" if k == 0 else "xen"
+            assert (rc, err) == (2, f"linkfix: {bad}: site {site.addr:#x} ({names[op]}): holds "
+                                    f"{got}, not the {alt} bytes {want.hex()} its state record "
+                                    "implies; refusing to overwrite bytes linkfix does not "
+                                    "recognise\n"), (names[op], j)
+            assert not out.exists()
+            rc, _, err = cli("verify", str(bad))
+            assert rc == 3 and f"site {site.addr:#x} ({names[op]}): expected {alt} " \
+                f"{want.hex()}, found {got}" in err
+            n_tried += 1
+    assert n_tried > len(first)
 
 
 def test_generic_restores_the_linked_sites(synth: si.Synth, tmp_path: Path) -> None:
@@ -195,14 +325,17 @@ def test_verbose_and_quiet(synth: si.Synth, tmp_path: Path) -> None:
 
 def test_tables_found_by_symbols_without_section_names(tmp_path: Path) -> None:
     path = tmp_path / "stripped"
-    s = si.build_fast(str(path), 50, 64, section_names=False, empty_body_zero=True)
+    s = si.build_fast(str(path), 50, 64, section_names=False)
     out = tmp_path / "out"
     rc, _, err = cli("patch", str(path), "-o", str(out), "--target", "native")
     assert rc == 0, err
     img = image.load(str(out))
     assert img.section(layout.SITES_SECTION) is None
     site = next(x for x in s.sites if x.op == 0)  # irq_disable: native is cli
-    assert img.read(site.addr, site.length) == b"\xfa" + pad(site.length - 1)
+    assert img.read(site.addr, site.length) == b"\xfa" + nop_fill(site.length - 1)
+    for x in s.sites:
+        k = 1 if x.bodies[1] is not None else 0
+        assert img.read(x.addr, x.length) == expected_site(s, x, k, img)
 
 
 @pytest.mark.parametrize("argv,message", [

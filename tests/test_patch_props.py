@@ -3,10 +3,14 @@
 * re-targeting: patch(patch(orig, A), B) == patch(orig, B), byte for byte;
 * idempotence: patching again for the same selection changes nothing;
 * only sites and the state record change;
-* semantics: a spliced site does what its body did in .linkfix.repl: run under
+* exact bytes: every site holds its op's one stored copy, each PC-relative field
+  re-aimed from the site (format 3), as the state record says;
+* targets: decoded, a spliced site reaches every address its copy reaches;
+* semantics: a spliced site does what its copy does in .linkfix.repl: run under
   unicorn, both reach the same destination (the first fetch outside the code)
   with the same registers, the same data memory and the same stack (a pushed
-  return address compared relative to the code it returns into).
+  return address compared relative to the code it returns into); a branch
+  site's jump reaches its recorded target with nothing else changed.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ import synthimage as si
 from emulate import Machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_patch import expected_site
 
 from linkfix import image, layout, tables
 from linkfix.cli import main
+from linkfix.sitefill import nop_fill
 
-KINDS = sorted(si.BODY_LEN)
+# Format 3 refuses a stored copy with a rel8 branch leaving it (no widening, tested
+# below); synthimage's jmp8_out/jz8_out, padded to the site, would jump into the
+# padding's NOPs, which is not code.
+KINDS = sorted(k for k in si.BODY_LEN if k not in ("jmp8_out", "jz8_out"))
 TARGETS = ("generic", "native", "xen", "lguest")
 
 
@@ -43,12 +52,6 @@ def synth_ops(draw: st.DrawFn) -> tuple[si.SynthOp, ...]:
             kind = draw(st.sampled_from([*KINDS, None]))
             if kind is not None:
                 bodies[b] = kind
-        # A rel8 jump out of the body needs room to widen: give the op a long body.
-        if any(k in ("jz8_out", "jmp8_out") for k in bodies.values()) and \
-                not any(si.BODY_LEN[k][1] >= 8 for k in bodies.values()):
-            bodies[draw(st.sampled_from([b for b in si.BACKENDS if
-                                         bodies.get(b) not in ("jz8_out", "jmp8_out")]
-                                        or ["native"]))] = "rip_movl"
         ops.append(si.SynthOp(f"op{j}", bodies))
     return tuple(ops)
 
@@ -60,14 +63,12 @@ def images(draw: st.DrawFn) -> dict:
     n = draw(st.integers(1, 24))
     site_ops = draw(st.lists(st.integers(0, len(ops) + len(si.BACKENDS) - 1),
                              min_size=n, max_size=n))
-    return {"ops": ops, "bits": bits, "site_ops": site_ops,
-            "gap": draw(st.integers(0, 3)), "zero": draw(st.booleans())}
+    return {"ops": ops, "bits": bits, "site_ops": site_ops, "gap": draw(st.integers(0, 3))}
 
 
 def build(tmp: Path, spec: dict, name: str = "vmlinux") -> si.Synth:
     return si.build_fast(str(tmp / name), len(spec["site_ops"]), spec["bits"], ops=spec["ops"],
-                         site_ops=spec["site_ops"], gap=spec["gap"],
-                         empty_body_zero=spec["zero"])
+                         site_ops=spec["site_ops"], gap=spec["gap"])
 
 
 def selection_args(draw: st.DrawFn, ops: tuple[si.SynthOp, ...]) -> list[str]:
@@ -114,6 +115,29 @@ def test_retarget_idempotence_and_diff(tmp_path_factory, spec: dict, data: st.Da
     allowed[st_off:st_off + 4 + len(t.meta.ops)] = b"\1" * (4 + len(t.meta.ops))
     new = b.read_bytes()
     assert all(allowed[i] for i in range(len(orig)) if orig[i] != new[i])
+    # Byte-exact: every site holds the alternative the state record names, and that is
+    # the one its op's selection asks for, or generic when the op has no such body.
+    t_b = tables.load(image.load(str(b)))
+    wanted = _requested(sel_b, spec["ops"])
+    img_b = image.load(str(b))
+    for site in synth.sites:
+        name = t_b.meta.ops[site.op]
+        k = t_b.meta.op_state[site.op]
+        req = wanted[name]
+        assert k == (req if site.bodies[req] is not None else 0), (name, k, req)
+        assert img_b.read(site.addr, site.length) == expected_site(synth, site, k, img_b)
+
+
+def _requested(args: list[str], ops: tuple[si.SynthOp, ...]) -> dict[str, int]:
+    """Op name -> the alternative the selection arguments ask for."""
+    index = {name: k for k, name in enumerate(TARGETS)}
+    target = index[args[1]]
+    out = {o.name: target for o in ops}
+    out.update({layout.branch_op_name(b): target for b in si.BACKENDS})
+    for j in range(2, len(args), 2):
+        name, backend = args[j + 1].split("=")
+        out[name] = index[backend]
+    return out
 
 
 def regs_for(bits: int, rng: random.Random) -> dict[str, int]:
@@ -139,11 +163,20 @@ def test_spliced_sites_behave_like_their_bodies(tmp_path_factory, spec: dict, ta
     word = 8 if spec["bits"] == 64 else 4
     for site in synth.sites:
         k = k_req if site.bodies[k_req] is not None else 0
-        body_addr, body_len, _flags = site.bodies[k]  # type: ignore[misc]
+        body_addr, body_len, flags = site.bodies[k]  # type: ignore[misc]
         regs = regs_for(spec["bits"], rng)
+        where = f"site {site.addr:#x} op {site.op} alternative {k}"
+        assert body_len == site.length, where  # a stored copy is the whole site
+        if flags & layout.FLAG_JMP:
+            # A branch site's jump (no stored copy): straight to its recorded target,
+            # nothing else touched (the reference runs nothing).
+            ref = machine.run(body_addr, 0, regs)
+            got = machine.run(site.addr, site.length, regs)
+            assert got.exit == body_addr, where
+            assert (got.regs, got.memory, got.stack) == (ref.regs, ref.memory, ref.stack), where
+            continue
         ref = machine.run(body_addr, body_len, regs)
         got = machine.run(site.addr, site.length, regs)
-        where = f"site {site.addr:#x} op {site.op} alternative {k}"
         fell_ref = ref.exit == body_addr + body_len
         fell_got = got.exit == site.addr + site.length
         assert fell_ref == fell_got, where
@@ -161,9 +194,6 @@ def test_spliced_sites_behave_like_their_bodies(tmp_path_factory, spec: dict, ta
 
 
 # -- the general (decoding) path ---------------------------------------------------------------
-
-OUT_OF_BODY = ["jmp8_out", "jz8_out", "call", "rip_movl", "jz_in", "gs_movb"]
-
 
 def _targets(code: bytes, at: int, bits: int) -> list[tuple[str, int | None]]:
     """(mnemonic, absolute branch/RIP target) for each instruction of `code` placed at `at`."""
@@ -185,69 +215,144 @@ def _targets(code: bytes, at: int, bits: int) -> list[tuple[str, int | None]]:
     return out
 
 
-@settings(max_examples=200, deadline=None)
-@given(kind=st.sampled_from(OUT_OF_BODY), bits=st.sampled_from([64, 32]),
-       delta=st.one_of(st.integers(-700, 700), st.integers(-0x7FFF0000, 0x7FFF0000)))
-def test_relocate_keeps_every_target(kind: str, bits: int, delta: int) -> None:
-    from linkfix import fixups
+@SETTINGS
+@given(spec=images(), target=st.sampled_from(TARGETS))
+def test_spliced_sites_keep_every_target(tmp_path_factory, spec: dict, target: str) -> None:
+    """Decoded by capstone, every patched site is its copy's instructions, and each
+    reaches what the copy reaches: a branch or RIP-relative operand leaving the copy
+    the same absolute address, one inside it the same offset in the site."""
+    tmp = tmp_path_factory.mktemp("targets")
+    synth = build(tmp, spec)
+    out = tmp / "patched"
+    assert run("patch", synth.path, "-o", str(out), "--target", target) == 0
+    img = image.load(str(out))
+    bits = spec["bits"]
+    k_req = TARGETS.index(target)
+    for site in synth.sites:
+        k = k_req if site.bodies[k_req] is not None else 0
+        addr, n, flags = site.bodies[k]  # type: ignore[misc]
+        got = img.read(site.addr, site.length)
+        assert got is not None
+        after = _targets(got, site.addr, bits)
+        where = f"site {site.addr:#x} op {site.op} alternative {k}"
+        if flags & layout.FLAG_JMP:
+            assert after == [("jmp", addr)], where
+            continue
+        copy = img.read(addr, n)
+        assert copy is not None
+        before = _targets(copy, addr, bits)
+        assert [m for m, _ in before] == [m for m, _ in after], where
+        assert sum(len(ins.bytes) for ins in _insns(got, bits)) == site.length, where
+        for (_m, t0), (_m1, t1) in zip(before, after, strict=True):
+            if t0 is None:
+                assert t1 is None, where
+            elif addr <= t0 <= addr + n:
+                assert t1 is not None and t1 - site.addr == t0 - addr, where
+            else:
+                assert t1 == t0, where
 
-    if kind == "rip_movl" and bits == 32:
-        kind = "gs_movb"
-    b = 0x80000000 if bits == 64 else 0x00100000
-    s = (b - delta) % 2**32
-    env = si.Env(var_x=0x600000, var_y=0x600010, callee=0x40100000, dispatch={}, test={},
-                 true={})
-    body = si.encode(kind, b, bits, env)
-    code = fixups.analyze(body, bits)
-    before = _targets(body, b, bits)
-    try:
-        new = fixups.relocate(code, body, delta, room=16, bits=bits)
-    except fixups.FixupError as exc:
-        # Only when some fixed target is out of a rel32's reach from the site.
-        assert "does not fit in 32 bits" in str(exc) and bits == 64
-        assert any(t is not None and not b <= t <= b + len(body) and abs(t - s) > 2**31 - 16
-                   for _m, t in before)
-        return
-    after = _targets(new, s, bits)
-    assert [m for m, _ in before] == [m for m, _ in after] or len(new) > len(body)
-    for (_m0, t0), (_m1, t1) in zip(before, after, strict=True):
-        if t0 is None:
-            assert t1 is None
-        elif b <= t0 <= b + len(body):
-            # Inside the body (or its end): the same place in the copy.
-            assert t1 is not None and t1 - s == (t0 - b if t0 < b + len(body) else len(new))
-        else:
-            assert t1 == t0
-    widened = len(new) != len(body)
-    if kind in ("jmp8_out", "jz8_out"):
-        # Widened exactly when the rel8 would not reach.
-        assert widened == (not -128 <= 3 + delta - 2 <= 127 if kind == "jmp8_out"
-                           else not -128 <= 5 + delta - 4 <= 127)
-    else:
-        assert not widened
+
+def _insns(code: bytes, bits: int) -> list:
+    import capstone
+
+    cs = capstone.Cs(capstone.CS_ARCH_X86,
+                     capstone.CS_MODE_64 if bits == 64 else capstone.CS_MODE_32)
+    return list(cs.disasm(code, 0))
+
+
+def _with_kind(monkeypatch, kind: str, code: bytes, fields=None) -> None:  # noqa: ANN001
+    """Teach synthimage a body kind `kind` assembling to `code`, its digest recording
+    `fields` ((pos, size) PC-relative, no target) when given."""
+    encode, digest = si.encode, si.kind_digest
+
+    def enc(k: str, at: int, bits: int, env: si.Env) -> bytes:
+        return code if k == kind else encode(k, at, bits, env)
+
+    def kd(k: str, bits: int, op: int = 0, op_name: str = "", env: si.Env | None = None,
+           symbolic: bool = False, site_len: int = 0) -> layout.BodyDigest:
+        if k == kind and fields is not None:
+            return layout.body_digest(code + nop_fill(site_len - len(code)), fields,
+                                      tuple(layout.Link(True) for _ in fields))
+        return digest(k, bits, op, op_name, env, symbolic, site_len)
+
+    monkeypatch.setitem(si.BODY_LEN, kind, (len(code), len(code)))
+    monkeypatch.setattr(si, "encode", enc)
+    monkeypatch.setattr(si, "kind_digest", kd)
+
+
+def test_rel8_branch_leaving_a_copy_is_refused(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """Format 3 never widens: a stored copy whose rel8 branch leaves it is refused, every
+    target, whether or not the header records that field; a rel8 branch to the copy's end
+    (its fall-through) is kept, byte for byte, at every site."""
+    cases = [("far", b"\xeb\x7f", None, "its PC-relative fields [(1, 1)] are not the "
+              "relocated fields the header records []"),
+             ("back", b"\x90\x74\x80", None, "its PC-relative fields [(2, 1)] are not the "
+              "relocated fields the header records []"),
+             ("recorded", b"\xeb\x7f", ((1, 1),), "a branch or displacement leaving the copy "
+              "is not 32 bits (gen-stubs never stores one)")]
+    for bits in (64, 32):
+        for name, code, fields, message in cases:
+            with monkeypatch.context() as mp:
+                _with_kind(mp, "rel8", code, fields)
+                ops = (si.SynthOp("op0", {"native": "rel8", "xen": "cli"}),)
+                synth = si.build_fast(str(tmp_path / f"{name}{bits}"), 4, bits, ops=ops,
+                                      site_ops=[0, 0, 1, 0])
+                copy = Path(synth.path).read_bytes()[
+                    image.load(synth.path).offset_of(synth.sites[0].bodies[1][0]):][:5]
+            assert copy == code + nop_fill(5 - len(code))
+            for target in ("native", "xen", "generic"):
+                out = tmp_path / f"out-{name}{bits}-{target}"
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    assert main(["patch", synth.path, "-o", str(out), "--target", target]) == 2
+                assert err.getvalue() == (f"linkfix: {synth.path}: .linkfix.meta: op op0 "
+                                          f"alternative native: copy {copy.hex()}: {message}\n")
+                assert not out.exists()
+        with monkeypatch.context() as mp:
+            _with_kind(mp, "rel8", b"\xeb\x03", None)  # jmp to the end of the 5-byte copy
+            ops = (si.SynthOp("op0", {"native": "rel8", "xen": "cli"}),)
+            synth = si.build_fast(str(tmp_path / f"end{bits}"), 4, bits, ops=ops,
+                                  site_ops=[0, 0, 1, 0])
+        out = tmp_path / f"end{bits}.native"
+        assert run("patch", synth.path, "-o", str(out), "--target", "native") == 0
+        img = image.load(str(out))
+        for site in synth.sites:
+            if site.op == 0:
+                assert img.read(site.addr, 5) == b"\xeb\x03" + nop_fill(3)
 
 
 def test_a_copy_unlike_what_gen_stubs_assembled_is_refused(tmp_path: Path) -> None:
-    """A body copy whose bytes (outside its relocated fields) differ from the digest in
-    the header is refused, naming the site, even when only that one copy differs."""
+    """The one stored copy of an alternative, shared by all its op's sites, whose bytes
+    (outside its relocated fields) differ from the digest in the header is refused,
+    naming the op and alternative, before anything is written, whatever the selection;
+    the same image with the copy intact patches."""
     ops = (si.SynthOp("irq_disable", {"native": "cli", "xen": "gs_movb", "lguest": "rip_movl"}),)
     synth = si.build_fast(str(tmp_path / "vmlinux"), 6, 64, ops=ops, site_ops=[0] * 6)
-    data = bytearray(Path(synth.path).read_bytes())
+    clean = Path(synth.path).read_bytes()
     img = image.load(synth.path)
     xen = synth.sites[3].bodies[2]
     lguest = synth.sites[4].bodies[3]
     assert xen is not None and lguest is not None
-    data[img.offset_of(xen[0]) + 8] = 0x7F  # movb $0x7f instead of $1
-    data[img.offset_of(lguest[0]) + 6] = 0x55  # movl $0x55 instead of $0
-    Path(synth.path).write_bytes(data)
-    for target, site in (("xen", synth.sites[3]), ("lguest", synth.sites[4])):
-        out = tmp_path / target
-        err_buf = io.StringIO()
-        with contextlib.redirect_stderr(err_buf):
-            assert main(["patch", synth.path, "-o", str(out), "--target", target]) == 2
-        err = err_buf.getvalue()
-        assert f"site {site.addr:#x} (irq_disable): alternative {target}: body " in err
-        assert "does not match the digest gen-stubs recorded" in err
-        assert not out.exists()
-    # The native body of the same sites is intact: that target still patches.
-    assert run("patch", synth.path, "-o", str(tmp_path / "native"), "--target", "native") == 0
+    assert all(x.bodies[2] == xen and x.bodies[3] == lguest for x in synth.sites)
+    for backend, copy, at, value in (("xen", xen, 8, 0x7F),  # movb $0x7f instead of $1
+                                     ("lguest", lguest, 6, 0x55)):  # movl $0x55 instead of $0
+        data = bytearray(clean)
+        off = img.offset_of(copy[0], copy[1])
+        assert off is not None and data[off + at] != value
+        data[off + at] = value
+        bad = tmp_path / f"bad-{backend}"
+        bad.write_bytes(data)
+        for target in ("xen", "lguest", "native", "generic"):
+            out = tmp_path / f"{backend}-{target}"
+            err_buf = io.StringIO()
+            with contextlib.redirect_stderr(err_buf):
+                assert main(["patch", str(bad), "-o", str(out), "--target", target]) == 2
+            err = err_buf.getvalue()
+            assert err.startswith(f"linkfix: {bad}: .linkfix.meta: op irq_disable alternative "
+                                  f"{backend}: copy {bytes(data[off:off + copy[1]]).hex()} "
+                                  "does not match the digest gen-stubs recorded"), err
+            assert err.count("\n") == 1
+            assert not out.exists()
+    out = tmp_path / "native"
+    assert run("patch", synth.path, "-o", str(out), "--target", "native") == 0
+    assert run("verify", str(out)) == 0

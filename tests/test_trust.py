@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_patch_ld import USES_C
 
-from linkfix import image, tables
+from linkfix import image, layout, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "tests" / "specs"
@@ -67,7 +67,19 @@ class Mut:
 
     def site_of(self, op: str) -> int:
         k = self.t.meta.ops.index(op)
-        return next(i for i in range(self.t.n_sites) if self.t.shape(i).op == k)
+        return next(i for i in range(self.t.n_sites) if self.chk.shape_of(i).op == k)
+
+    def copy_offset(self, op: str, backend: str) -> tuple[int, bytes]:
+        """File offset and bytes of the one stored copy of `op`'s alternative `backend`."""
+        j = self.t.meta.ops.index(op)
+        k = 0 if backend == "generic" else self.t.meta.backends.index(backend) + 1
+        c = self.chk.copies[(j, k)]
+        assert c.addr is not None
+        off = self.img.offset_of(c.addr, c.length)
+        assert off is not None
+        code = bytes(self.data[off:off + c.length])
+        assert code == c.code
+        return off, code
 
     def write(self) -> Path:
         self.path.write_bytes(self.data)
@@ -126,8 +138,11 @@ def test_record_aimed_into_a_function_is_not_overwritten(linked: Path, tmp_path:
     assert fn is not None
     f1 = fn + 8  # the middle of a function with no site of its own
     assert all(not fn <= s < fn + 64 for s in m.chk.site_addrs)
-    rec = m.t.sites_region.offset + i * m.t.rec_size
-    struct.pack_into("<i", m.data, rec, f1 - (m.t.record_vaddr(i)))
+    assert i < m.t.n_op_sites  # op site records come first: site i is record i
+    rec = m.t.sites_region.offset + i * layout.SITE_REC_SIZE
+    assert struct.unpack_from("<i", m.data, rec)[0] + m.t.sites_region.vaddr + \
+        i * layout.SITE_REC_SIZE == m.chk.site_addrs[i]
+    struct.pack_into("<i", m.data, rec, f1 - (m.t.sites_region.vaddr + i * layout.SITE_REC_SIZE))
     path = m.write()
     out = tmp_path / "out"
     # verify already disagrees (exit 3); patch must refuse rather than write xen's body there.
@@ -140,44 +155,53 @@ def test_record_aimed_into_a_function_is_not_overwritten(linked: Path, tmp_path:
 
 
 def test_flipped_bit_in_a_body_is_refused(linked: Path, tmp_path: Path) -> None:
+    """Format 3 stores one copy of irq_disable's native body for all its sites: a bit
+    flipped in it is refused by every patch and verify (each copy is checked before
+    anything is written), whichever alternative the selection uses."""
     m = Mut(linked, tmp_path / "vmlinux")
-    i = m.site_of("irq_disable")
-    k = m.t.meta.backends.index("native") + 1
-    b = m.chk.body_addrs(k)[i]
-    off = m.img.offset_of(b)
-    assert off is not None and m.data[off] == 0xFA  # cli
-    m.data[off] = 0xFB  # sti: every irq_disable() would enable interrupts
+    off, code = m.copy_offset("irq_disable", "native")
+    j = code.index(0xFA)  # cli, after the redundant segment prefixes gen-stubs added
+    assert set(code[:j]) <= {0x2E, 0x3E, 0x36} and len(code) == m.chk.shape_of(
+        m.site_of("irq_disable")).site_len
+    m.data[off + j] = 0xFB  # sti: every irq_disable() would enable interrupts
+    bad = code[:j] + b"\xfb" + code[j + 1:]
     path = m.write()
     out = tmp_path / "out"
     for argv in (["patch", str(path), "-o", str(out), "--target", "native"],
-                 ["verify", str(path), "--target", "native"]):
-        refused(run(*argv), path, "alternative native: body fb does not match the digest "
-                                  "gen-stubs recorded", out)
+                 ["patch", str(path), "-o", str(out), "--target", "xen"],
+                 ["verify", str(path), "--target", "native"],
+                 ["verify", str(path)]):
+        refused(run(*argv), path, f".linkfix.meta: op irq_disable alternative native: copy "
+                                  f"{bad.hex()} does not match the digest gen-stubs recorded",
+                out)
+    # The unflipped image patches.
+    assert run("patch", str(linked), "-o", str(out), "--target", "native").returncode == 0
 
 
 def test_a_copy_calling_elsewhere_is_refused(linked: Path, tmp_path: Path) -> None:
+    """A relocated field is masked in the digest; what it must hold is the link's record
+    (symbol + addend). A stored copy's call aimed elsewhere is refused, a backend's as well
+    as the generic dispatch call's."""
     m = Mut(linked, tmp_path / "vmlinux")
-    sites = [i for i in range(m.t.n_sites) if m.t.shape(i).op == m.t.meta.ops.index("save_fl")]
-    assert len(sites) >= 1
-    k = m.t.meta.backends.index("xen") + 1
-    i = sites[-1]
-    off = m.img.offset_of(m.chk.body_addrs(k)[i])
-    assert off is not None and m.data[off] == 0xE8
+    off, code = m.copy_offset("save_fl", "xen")
+    assert code[0] == 0xE8
     struct.pack_into("<i", m.data, off + 1, struct.unpack_from("<i", m.data, off + 1)[0] + 16)
-    # The generic alternative (the dispatch call) of another op, aimed elsewhere too.
-    j = m.site_of("irq_enable")
-    goff = m.img.offset_of(m.chk.body_addrs(0)[j])
-    assert goff is not None
     path = m.write()
     out = tmp_path / "out"
-    if len(sites) > 1:
-        refused(run("patch", str(path), "-o", str(out), "--target", "xen"), path,
-                "alternative xen: reaches ", out)
+    refused(run("patch", str(path), "-o", str(out), "--target", "xen"), path,
+            f".linkfix.meta: op save_fl alternative xen: the relocated field at +1 of copy "
+            f"{bytes(m.data[off:off + len(code)]).hex()} does not point where the link "
+            "pointed it", out)
+    # The generic alternative (the dispatch call) of another op, aimed elsewhere too.
     m2 = Mut(linked, tmp_path / "v2")
+    goff, gcode = m2.copy_offset("irq_enable", "generic")
+    assert gcode[0] == 0xE8
     m2.data[goff + 4] ^= 0x40
     p2 = m2.write()
-    r = run("patch", str(p2), "-o", str(out), "--target", "native")
-    refused(r, p2, "(irq_enable): ", out)
+    for argv in (["patch", str(p2), "-o", str(out), "--target", "native"],
+                 ["verify", str(p2)]):
+        refused(run(*argv), p2, ".linkfix.meta: op irq_enable alternative generic: the "
+                                "relocated field at +1 of copy ", out)
 
 
 def test_overlapping_load_segments_are_refused(linked: Path, tmp_path: Path) -> None:
@@ -217,7 +241,7 @@ def test_site_past_the_file_bytes_is_refused(linked: Path, tmp_path: Path) -> No
 def test_sites_table_described_short_is_refused(linked: Path, tmp_path: Path, how: str) -> None:
     m = Mut(linked, tmp_path / "vmlinux")
     r = m.t.sites_region
-    rs = m.t.rec_size
+    rs = layout.SITE_REC_SIZE
     if how == "section-shrunk":
         m.set_section(".linkfix.sites", r.size - rs)
     elif how == "section-zeroed":

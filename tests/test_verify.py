@@ -57,7 +57,7 @@ def test_explicit_selection(images: dict[str, Path], tmp_path: Path) -> None:
     differ = 0
     nat = image.load(str(images["native"]))
     for i, s in enumerate(chk.site_addrs):
-        n = t.shape(i).site_len
+        n = chk.shape_of(i).site_len
         differ += img.read(s, n) != nat.read(s, n)
     assert len(lines) == differ + 1
     assert lines[-1].endswith(f"{differ} of {t.n_sites} sites differ from the selection "
@@ -71,7 +71,7 @@ def test_one_corrupt_site_is_reported(images: dict[str, Path], tmp_path: Path) -
     chk = tables.check_records(t)
     i = 7
     s = chk.site_addrs[i]
-    n = t.shape(i).site_len
+    n = chk.shape_of(i).site_len
     data = bytearray(img.data)
     off = img.offset_of(s)
     good = bytes(data[off:off + n])
@@ -82,7 +82,7 @@ def test_one_corrupt_site_is_reported(images: dict[str, Path], tmp_path: Path) -
     assert r.returncode == 3
     lines = r.stderr.splitlines()
     assert len(lines) == 2
-    op = t.op_name(t.shape(i).op)
+    op = t.op_name(chk.shape_of(i).op)
     assert lines[0].startswith(f"linkfix: {bad}: site {s:#x} ({op}): expected ")
     assert good.hex() in lines[0] and bytes(data[off:off + n]).hex() in lines[0]
     assert lines[1].endswith("1 of 60 sites differ from the selection (state record: xen)")
