@@ -24,7 +24,8 @@ LINUX_PV_OVERHEAD_PCT = 1.62
 SEQUENCE = ("save_fl", "irq_disable", "read_cr3", "restore_fl")
 OP_ORDER = ("irq_disable", "irq_enable", "save_fl", "restore_fl", "read_cr2", "read_cr3",
             "write_cr3", "set_pte", "flush_tlb", "io_delay")
-CONFIGS = ("nopv", "generic", "native", "xen", "lguest", "generic:xen", "generic:lguest")
+CONFIGS = ("nopv", "generic", "native", "xen", "lguest", "generic:xen", "generic:lguest",
+           "boot:native", "boot:xen", "boot:lguest")
 CONFIG_TITLES = {
     "nopv": "no paravirt",
     "generic": "generic (unpatched) on native",
@@ -33,6 +34,9 @@ CONFIG_TITLES = {
     "lguest": "patched lguest",
     "generic:xen": "generic on xen",
     "generic:lguest": "generic on lguest",
+    "boot:native": "generic, boot-patched for native",
+    "boot:xen": "generic, boot-patched for xen",
+    "boot:lguest": "generic, boot-patched for lguest",
 }
 
 
@@ -46,6 +50,8 @@ class Ring0Result:
     # arch -> config -> guest instructions of the whole workload loop
     workload: dict[str, dict[str, float]] = field(default_factory=dict)
     workload_iters: dict[str, int] = field(default_factory=dict)
+    # arch -> backend -> (sites, instructions) of one run of the boot patcher
+    boot_patch: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     raw: str = ""
 
     def sequence(self, arch: str, config: str) -> float | None:
@@ -138,6 +144,21 @@ class Ring0Result:
                     "by the instructions executed per site: under "
                     f"{TARGET_OVERHEAD_PCT} % needs at least {hi * 100 / TARGET_OVERHEAD_PCT:.0f}"
                     " instructions of other work per executed site.", ""]
+        if self.boot_patch:
+            out += ["### The boot patcher", "",
+                    "`linkfix_boot_patch()` (generated `linkfix_boot.c`) run by the generic "
+                    "image at boot (`bootpatch` on its command line), timed with rdtsc under "
+                    "-icount: instructions for deciding and writing every site. The "
+                    "\"generic, boot-patched for B\" columns above are that image "
+                    "afterwards; they equal the \"patched B\" columns where the sites are "
+                    "the same bytes.", "",
+                    "| arch | backend | sites | instructions | per site |",
+                    "| --- | --- | ---: | ---: | ---: |"]
+            for arch, per in self.boot_patch.items():
+                for backend, (n, t) in per.items():
+                    out.append(f"| {arch} | {backend} | {n} | {t:,} | "
+                               f"{t / n if n else 0:,.0f} |")
+            out.append("")
         return out
 
 
@@ -185,7 +206,8 @@ def measure(quick: bool) -> Ring0Result:
             parse(out, one)
             key = arch if name == "gcc" else f"{arch}, {name}"
             for src, dst in ((one.per_op, res.per_op), (one.workload, res.workload),
-                             (one.workload_iters, res.workload_iters)):
+                             (one.workload_iters, res.workload_iters),
+                             (one.boot_patch, res.boot_patch)):
                 if arch in src:
                     dst[key] = src[arch]
     res.available = bool(res.per_op or res.workload)
@@ -201,6 +223,7 @@ _HEAD = re.compile(r"bench: arch=(?P<arch>\S+) backend=(?P<backend>\S+) patched=
                    r" paravirt=(?P<pv>[yn]) iterations=(?P<n>\d+) empty=(?P<empty>\d+)")
 _OP = re.compile(r"bench (?P<op>[a-z_0-9]+): [0-9.]+ insns/op \((?P<total>\d+) total\)")
 _WORK = re.compile(r"bench workload: (?P<total>\d+) insns(?: \((?P<n>\d+) iterations\))?")
+_BOOT = re.compile(r"linkfix: boot-patched (?P<n>\d+) sites for (?P<b>\S+) in (?P<t>\d+) cycles")
 
 
 def config_key(backend: str, patched: str, pv: str) -> str:
@@ -209,6 +232,8 @@ def config_key(backend: str, patched: str, pv: str) -> str:
         return "nopv"
     if patched == "no":
         return "generic" if backend == "native" else f"generic:{backend}"
+    if patched == "boot":
+        return f"boot:{backend}"
     return patched
 
 
@@ -223,8 +248,16 @@ def parse(text: str, res: Ring0Result) -> None:
     """
     arch = key = None
     n = empty = 0
+    boot: tuple[str, int, int] | None = None
     for line in text.splitlines():
+        m = _BOOT.search(line)
+        if m:
+            boot = (m["b"], int(m["n"]), int(m["t"]))
+            continue
         m = _HEAD.search(line)
+        if m and boot is not None:
+            res.boot_patch.setdefault(m["arch"], {})[boot[0]] = boot[1:]
+            boot = None
         if m:
             arch = m["arch"]
             key = config_key(m["backend"], m["patched"], m["pv"])

@@ -33,7 +33,8 @@ assert META_STATE_OFFSET == 28
 
 SITE = struct.Struct("<iHBB")  # op site: site, op, site_len, kind
 SITE_REC_SIZE = SITE.size  # 8
-BRANCH = struct.Struct("<iiiHBB")  # site, generic target, "true" target, op, site_len, kind
+# site, generic target, "true" target, op, the backend it tests (1-based), kind
+BRANCH = struct.Struct("<iiiHBB")
 BRANCH_REC_SIZE = BRANCH.size  # 16
 BODY = struct.Struct("<iIBBBBHH")  # copy, crc, len, flags, n_fields, 0, first field, 0
 

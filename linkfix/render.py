@@ -30,8 +30,8 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 LDSCRIPT = Path(__file__).resolve().parent.parent / "ldscripts" / "linkfix.lds"
 FORMAT_VERSION = layout.VERSION
 
-OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix.lds",
-           "linkfix.json")
+OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix_boot.c",
+           "linkfix.lds", "linkfix.json")
 
 
 # ------------------------------------------------------------------ C functions
@@ -320,7 +320,8 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         "table_symbols": _table_symbols(spec, models),
     }
     out: dict[str, bytes] = {}
-    for name in ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c"):
+    for name in ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c",
+                 "linkfix_boot.c"):
         out[name] = env.get_template(name + ".j2").render(ctx).encode()
     out["linkfix.lds"] = LDSCRIPT.read_bytes()
     out["linkfix.json"] = (json.dumps(manifest(spec, models), indent=2) + "\n").encode()

@@ -78,7 +78,7 @@ def branch_site_lines(spec: Spec, b: int) -> list[str]:
         "\t.long %l[__lf_generic] - .",
         "\t.long %l[__lf_yes] - .",
         f"\t.short {op_index}",
-        f"\t.byte 5, {layout.KIND_BRANCH}",
+        f"\t.byte {b}, {layout.KIND_BRANCH}",  # the backend tested, repeated
         "\t.popsection",
     ]
 

@@ -337,15 +337,19 @@ def _branch_records(t: Tables) -> tuple[list[int], bytes | list[int], list[int],
     gens = list(map(operator.add, ints[1::4], range(r.vaddr + 4, r.vaddr + 4 + rs * n, rs)))
     yeses = list(map(operator.add, ints[2::4], range(r.vaddr + 8, r.vaddr + 8 + rs * n, rs)))
     ops = _op_column(mv, 12, 16, n)
-    lens = bytes(mv[14::16])
+    tested = bytes(mv[14::16])
     kinds = bytes(mv[15::16])
     n_real, n_ops = t.meta.n_real_ops, len(t.meta.ops)
-    if min(ops) < n_real or max(ops) >= n_ops or lens.count(5) != n or \
+    # The backend byte repeats what the op says (op = n_real_ops + backend - 1): one
+    # changed without the other is corruption, not a different branch.
+    agree = isinstance(ops, bytes) and n_real < 256 and \
+        ops.translate(bytes((x - n_real + 1) & 0xFF for x in range(256))) == tested
+    if min(ops) < n_real or max(ops) >= n_ops or not agree or \
             kinds.count(layout.KIND_BRANCH) != n:
-        j = next(j for j in range(n) if not n_real <= ops[j] < n_ops or lens[j] != 5
-                 or kinds[j] != layout.KIND_BRANCH)
-        raise site_error(t, sites[j], ops[j], f"bad branch record (op {ops[j]}, site_len "
-                                              f"{lens[j]}, kind {kinds[j]})")
+        j = next(j for j in range(n) if not n_real <= ops[j] < n_ops
+                 or tested[j] != ops[j] - n_real + 1 or kinds[j] != layout.KIND_BRANCH)
+        raise site_error(t, sites[j], ops[j], f"bad branch record (op {ops[j]}, backend "
+                                              f"{tested[j]}, kind {kinds[j]})")
     return sites, ops, gens, yeses
 
 

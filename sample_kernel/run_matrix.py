@@ -40,15 +40,24 @@ def matrix(arches: list[str], toolchains: list[str], out: Path, verbose: bool) -
             runs = {
                 "patched": skernel.boot(patched, arch),
                 "generic": skernel.boot(generic, arch, append=f"linkfix={backend}"),
+                "boot-patched": skernel.boot(generic, arch,
+                                             append=f"linkfix={backend} bootpatch sitedump"),
             }
             for mode, b in runs.items():
                 verdict = "PASS" if b.ok else "FAIL"
                 note = b.meaning()
-                if mode == "generic" and b.ok:
+                if mode != "patched" and b.ok:
                     if b.op_lines() == runs["patched"].op_lines():
                         note += ", op lines = patched"
                     else:
                         verdict, note = "FAIL", "op lines differ from the patched image's"
+                if mode == "boot-patched" and verdict == "PASS":
+                    diffs = skernel.site_differences(skernel.dumped_sites(b.output),
+                                                     skernel.file_sites(patched))
+                    if diffs:
+                        verdict, note = "FAIL", f"{len(diffs)} sites differ: {diffs[0]}"
+                    else:
+                        note += ", sites = linkfix patch"
                 failed += verdict != "PASS"
                 rows.append((TOOLCHAIN_TEXT[tc], arch, backend, mode, f"{b.passed}/{len(OPS)}",
                              str(b.status), f"{verdict} ({note})"))
@@ -72,6 +81,8 @@ def bench(arches: list[str], toolchains: list[str], out: Path, verbose: bool) ->
             patched = skernel.patch(generic, backend, where / arch / f"vmlinux.{backend}")
             images.append((f"generic ({backend})", generic, f"bench linkfix={backend}"))
             images.append((f"patched {backend}", patched, "bench"))
+            images.append((f"boot-patched {backend}", generic,
+                           f"bench linkfix={backend} bootpatch"))
         columns: list[tuple[str, dict[str, tuple[int, int]]]] = []
         workloads: list[tuple[str, int]] = []
         for name, image, append in images:

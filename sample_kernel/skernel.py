@@ -153,3 +153,35 @@ def boot(image: Path, arch: str, append: str = "", icount: bool = False,
         cmd += ["-icount", "shift=0,sleep=off"]
     res = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     return parse(res.returncode, res.stdout + res.stderr)
+
+
+_SITE_LINE = re.compile(r"^LFSITE ([0-9a-f]+) ([0-9a-f]+)$", re.M)
+
+
+def dumped_sites(output: str) -> dict[int, bytes]:
+    """The `sitedump` lines of a boot: site address -> its bytes in memory."""
+    return {int(a, 16): bytes.fromhex(b) for a, b in _SITE_LINE.findall(output)}
+
+
+def file_sites(image: Path) -> dict[int, bytes]:
+    """Every site's bytes in an image file, read through linkfix's own tables."""
+    from linkfix import image as lf_image
+    from linkfix import tables
+
+    img = lf_image.load(str(image))
+    chk = tables.check_records(tables.load(img))
+    out = {}
+    for i, s in enumerate(chk.site_addrs):
+        got = img.read(s, chk.shape_of(i).site_len)
+        assert got is not None
+        out[s] = bytes(got)
+    return out
+
+
+def site_differences(booted: dict[int, bytes], patched: dict[int, bytes]) -> list[str]:
+    """Sites whose bytes after boot patching differ from `linkfix patch`'s, named."""
+    out = [f"site {s:#x}: booted {booted.get(s, b'').hex() or 'missing'}, linkfix patch "
+           f"{want.hex()}" for s, want in sorted(patched.items()) if booted.get(s) != want]
+    out += [f"site {s:#x}: dumped but not a site of the file" for s in booted
+            if s not in patched]
+    return out

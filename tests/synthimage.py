@@ -355,7 +355,7 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
             b = o - n_real + 1
             rec_addr = branches_addr + n_b * layout.BRANCH_REC_SIZE
             layout.BRANCH.pack_into(branches_blob, n_b * layout.BRANCH_REC_SIZE, at - rec_addr,
-                                    test[b] - (rec_addr + 4), true[b] - (rec_addr + 8), o, 5,
+                                    test[b] - (rec_addr + 4), true[b] - (rec_addr + 8), o, b,
                                     layout.KIND_BRANCH)
             n_b += 1
             jmp = layout.FLAG_PRESENT | layout.FLAG_JMP
@@ -604,7 +604,7 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
             lines.append(f"661: {{disp32}} jmp lf_test_{b}")
             lines += ['.pushsection .linkfix.branches,"a"', ".balign 4", "  .long 661b - .",
                       f"  .long lf_test_{b} - .", f"  .long lf_true_{b} - .",
-                      f"  .short {o}", "  .byte 5, 1", ".popsection"]
+                      f"  .short {o}", f"  .byte {b}, 1", ".popsection"]
         lines.append("  nop")  # code between sites
     lines += ['.section .linkfix.sites,"a"', "lf_sites_end:",
               '.section .linkfix.branches,"a"', "lf_branches_end:",

@@ -31,7 +31,8 @@ from linkfix.sitefill import nop_fill
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).parent / "specs"
-OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix.lds",
+OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix_boot.c",
+           "linkfix.lds",
            "linkfix.json")
 
 CFLAGS = {
@@ -317,8 +318,8 @@ def test_records_match_sites(stubs, tmp_path: Path) -> None:
         for i in range(0, len(bdata), 16):
             rs, rg, ry, op_index, site_len, kind = struct.unpack_from("<iiiHBB", bdata, i)
             site = bbase + i + rs
-            assert (site_len, kind) == (5, layout.KIND_BRANCH)
             b = op_index - len(ops) + 1
+            assert (site_len, kind) == (b, layout.KIND_BRANCH)  # byte 14: backend tested
             backend = manifest["backends"][b - 1]
             seen_branches[backend] = seen_branches.get(backend, 0) + 1
             site_bytes = img.read(site, 5)

@@ -28,7 +28,8 @@ from linkfix import gencache, genstubs, render, report
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = Path(__file__).parent / "specs"
 SPEC = SPECS / "x86_64.toml"
-OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix.lds",
+OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix_boot.c",
+           "linkfix.lds",
            "linkfix.json")
 REAL_AS = os.path.realpath(shutil.which("as") or "as")
 HEAVY = ("keystone", "jinja2", "elftools", "capstone", "tomllib", "multiprocessing",

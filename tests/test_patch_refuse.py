@@ -401,7 +401,9 @@ def branch_image(tmp: Path, bits: int = 64) -> Image:
 
 @pytest.mark.parametrize("field,fmt,value,op", [
     (12, "<H", 0, "irq_disable"), (12, "<H", 6, "op#6"), (14, "<B", 4, "backend_is(native)"),
-    (15, "<B", 0, "backend_is(native)"),
+    (14, "<B", 5, "backend_is(native)"), (15, "<B", 0, "backend_is(native)"),
+    # the op changed to another branch op without its backend byte: corruption
+    (12, "<H", 5, "backend_is(lguest)"),
 ])
 def test_bad_branch_record(tmp_path: Path, field: int, fmt: str, value: int, op: str) -> None:
     im = branch_image(tmp_path)
@@ -410,7 +412,7 @@ def test_bad_branch_record(tmp_path: Path, field: int, fmt: str, value: int, op:
     rec[{12: 3, 14: 4, 15: 5}[field]] = value
     out = tmp_path / "out"
     refused(patch(im.write(), out), out, site_re(im, 6, op) + re.escape(
-        f"bad branch record (op {rec[3]}, site_len {rec[4]}, kind {rec[5]})"))
+        f"bad branch record (op {rec[3]}, backend {rec[4]}, kind {rec[5]})"))
 
 
 @pytest.mark.parametrize("bits", [64, 32])

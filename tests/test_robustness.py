@@ -985,7 +985,7 @@ def test_outputs_are_byte_identical_across_runs(tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr
             outs[" ".join(argv)] = r.stdout.encode()
         results.append(outs)
-    assert len(results[0]) == 6 + 2 + 2
+    assert len(results[0]) == 7 + 2 + 2  # generated files, images, inspect outputs
     assert results[0] == results[1]
     assert b'"line": "' in results[0]["inspect vmlinux.xen --json"]  # DWARF was read
 

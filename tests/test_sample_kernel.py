@@ -52,6 +52,9 @@ class ArchImages:
         if key not in self.boots:
             if mode == "patched":
                 self.boots[key] = skernel.boot(self.patched[backend], self.arch)
+            elif mode == "bootpatched":
+                self.boots[key] = skernel.boot(self.generic, self.arch,
+                                               append=f"linkfix={backend} bootpatch sitedump")
             else:
                 self.boots[key] = skernel.boot(self.generic, self.arch,
                                                append=f"linkfix={backend}")
@@ -90,13 +93,55 @@ def assert_all_ok(boot: skernel.Boot, arch: str, backend: str, patched: bool) ->
     assert boot.status == skernel.EXIT_PASS, boot.output
 
 
-@pytest.mark.parametrize("mode", ["patched", "generic"])
+@pytest.mark.parametrize("mode", ["patched", "generic", "bootpatched"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("toolchain", ALL_TOOLCHAINS)
 def test_boot(images, toolchain: str, arch: str, backend: str, mode: str) -> None:
     boot = images(arch, toolchain).boot(backend, mode)
     assert_all_ok(boot, arch, backend, patched=mode == "patched")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("toolchain", ALL_TOOLCHAINS)
+def test_boot_patching_writes_what_linkfix_patch_writes(images, toolchain: str, arch: str,
+                                                        backend: str) -> None:
+    """The oracle: after the boot patcher ran, every site in memory holds the bytes
+    `linkfix patch --target <backend>` writes into the same image, site by site."""
+    im = images(arch, toolchain)
+    boot = im.boot(backend, "bootpatched")
+    n = len(skernel.file_sites(im.generic))
+    assert f"linkfix: boot-patched {n} sites for {backend}" in boot.output, boot.output
+    booted = skernel.dumped_sites(boot.output)
+    assert len(booted) == n
+    assert skernel.site_differences(booted, skernel.file_sites(im.patched[backend])) == []
+    # and the generic image's own sites, unpatched at boot, are its linked bytes
+    plain = skernel.boot(im.generic, arch, append=f"linkfix={backend} sitedump")
+    assert skernel.site_differences(skernel.dumped_sites(plain.output),
+                                    skernel.file_sites(im.generic)) == []
+
+
+def test_boot_patcher_leaves_an_unrecognised_site_generic(images, tmp_path: Path) -> None:
+    """A site that does not hold its linked bytes is reported and left alone; the
+    others are patched."""
+    im = images("x86_64")
+    sites = find_sites(im.generic, "irq_disable", "do_op")
+    assert len(sites) == 1
+    broken = tmp_path / "vmlinux.generic"
+    data = bytearray(im.generic.read_bytes())
+    site = sites[0]
+    data[site.offset:site.offset + site.length] = b"\x90" * site.length
+    broken.write_bytes(bytes(data))
+    boot = skernel.boot(broken, "x86_64", append="linkfix=native bootpatch sitedump")
+    n = len(skernel.file_sites(im.generic))
+    assert f"linkfix: site {site.addr:x} (op 0) left generic (reason 3)" in boot.output
+    assert f"linkfix: boot-patched {n - 1} sites for native" in boot.output
+    booted = skernel.dumped_sites(boot.output)
+    assert booted[site.addr] == b"\x90" * site.length  # untouched
+    diffs = skernel.site_differences(booted, skernel.file_sites(im.patched["native"]))
+    assert diffs == [f"site {site.addr:#x}: booted {'90' * site.length}, linkfix patch "
+                     f"{skernel.file_sites(im.patched['native'])[site.addr].hex()}"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

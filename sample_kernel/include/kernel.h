@@ -38,6 +38,7 @@ void *memcpy(void *d, const void *s, size_t n);
 int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 int cmdline_has(const char *cmdline, const char *word);
+extern int boot_patched;
 
 /* irq.c */
 extern volatile unsigned long timer_irqs;	/* PIT interrupts taken */

@@ -101,8 +101,8 @@ void bench(void)
 	empty = bench_empty();
 	printk("bench: arch=%s backend=%s patched=%s paravirt=%s iterations=%u empty=%lu\n",
 	       arch_name(), linkfix_backend_name(linkfix_current_backend),
-	       patched ? linkfix_backend_name(patched) : "no", paravirt_enabled ? "y" : "n",
-	       BENCH_N, empty);
+	       patched ? linkfix_backend_name(patched) : boot_patched ? "boot" : "no",
+	       paravirt_enabled ? "y" : "n", BENCH_N, empty);
 	for (i = 0; i < ARRAY_SIZE(ops); i++) {
 		unsigned long t, d;
 
