@@ -69,6 +69,31 @@ def measure(quick: bool = False) -> list[ImageTables]:
     return res
 
 
+def placements() -> list[str]:
+    """Per op of the sample specs: site size, and where each backend's body runs with
+    what it executes (the trade the site budget makes, from gen-stubs' manifest)."""
+    import site_table
+
+    lines = []
+    for spec in site_table.SPECS:
+        m = site_table.manifest(spec)
+        backends = m["backends"]
+        lines += [f"{m['arch']}: site bytes, then per backend where its body runs and the "
+                  "instructions a patched site executes (out of line: the call, the body "
+                  "and its `ret`)", "",
+                  "| op | site bytes | " + " | ".join(backends) + " |",
+                  "| --- | ---: |" + " --- |" * len(backends)]
+        for op in m["ops"]:
+            cells = []
+            for b in backends:
+                body = op["bodies"].get(b)
+                cells.append("dispatch" if body is None else
+                             f"{body['placement']}, {body['executed_insns']} insn")
+            lines.append(f"| {op['name']} | {op['site_size']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(res: list[ImageTables]) -> list[str]:
     lines = ["| image | op sites | branch sites | records B/site | copies + header B/site | "
              "all tables B/site | Linux alt_instr records B/site |",
@@ -84,8 +109,8 @@ def markdown(res: list[ImageTables]) -> list[str]:
               "number of backends; each op's alternatives are stored once "
               "(`.linkfix.repl`), so their cost per site falls as sites are added. Linux "
               "spends 14 bytes of `struct alt_instr` per alternative per site (12 in 6.1), "
-              "plus each site's replacement bytes."]
-    return lines
+              "plus each site's replacement bytes.", ""]
+    return lines + placements()
 
 
 def main() -> int:
