@@ -1,4 +1,4 @@
-"""Fuzz `linkfix patch`, `inspect` and `verify` with mutated real images.
+"""Fuzz `linkfix patch`, `inspect` and `verify` with mutated real images (format 3).
 
     .venv/bin/python bench/fuzz.py [--cases N] [--seed S] [--subprocess M] [--doc docs/ERRORS.md]
     .venv/bin/python bench/fuzz.py --seed S --case ID -v     # replay one case
@@ -6,15 +6,23 @@
 The corpus holds real linked images: the sample kernel's (x86_64 and i386, as
 linked and patched, when `sample_kernel/out` has been built), images linked by
 gcc and GNU ld from `gen-stubs` output of tests/specs/{x86_64,i386}.toml (with
-`--emit-relocs`), and synthetic images of tests/synthimage.py (pure-Python ELF
-writer, tables found by section or only by symbol; gcc/ld with --emit-relocs and
--pie). Each case takes one image, applies one to three mutations (bit flips,
-byte overwrites, truncation at or around every structure, field-aware changes
-of the ELF header, program and section headers, symbols, relocations, the
-`.linkfix.meta` header and name table, site records and body bytes), and runs
-one command on it in-process (`linkfix.cli.main`, stdout and stderr captured,
-a wall-clock bound per case). A slice of further cases runs the real CLI in a
-subprocess.
+`--emit-relocs`, as linked and patched for xen), and synthetic images of
+tests/synthimage.py (pure-Python ELF writer, tables found by section or only by
+symbol, as linked and patched; gcc/ld with --emit-relocs and -pie). Each case
+takes one image, applies one to three mutations and runs one command on it
+in-process (`linkfix.cli.main`, stdout and stderr captured, a wall-clock bound
+per case). A slice of further cases runs the real CLI in a subprocess.
+
+Mutations (docs/FORMAT.md, version 3): bit flips, byte overwrites, truncation
+at or around every structure; field-aware changes of the ELF header, program
+and section headers, symbols and relocations; the `.linkfix.meta` header
+fields, state record, name table and table bounds; op site records (site
+retargeted, op, site_len, kind, a record copied over another); branch records
+(site, generic and "true" targets retargeted, op, backend, kind); body table
+entries (copy address, crc, len, flags, field count, first field, reserved
+bytes); the stored copies in `.linkfix.repl` (bit flips, also inside the
+relocated fields, and tricky instruction bytes); the field list and the recorded
+targets; the bytes at a site.
 
 Every case must end in exit 0, 2 (one line `linkfix: FILE: ...`) or 3 (verify
 only). Bugs counted, all of which must be 0:
@@ -26,27 +34,31 @@ only). Bugs counted, all of which must be 0:
                  or a `.linkfix-*.tmp` file is left in the output directory
   input_modified the input image changed (or, with --in-place, changed on failure)
   verify_reject  `linkfix verify` refuses the output of a successful `patch`
-  stray_write    a successful `patch` changed a byte outside the sites, the state
-                 record and the link-time relocation sections
+  stray_write    a successful `patch` changed a byte outside what the (mutated)
+                 image's own tables own: its sites, its state record and the
+                 link-time relocation slots whose r_offset lies in a site
   silent_wrong   a successful `patch` whose output is wrong by the *unmutated* seed
                  image: (a) a byte differs from the (mutated) input outside what the
-                 seed's tables own (its sites, its state record, its link-time
-                 relocation sections), or (b) the bytes at the seed's sites differ
-                 from those of patching the seed itself with the same selection (or
-                 the seed refuses that selection); see `Oracle`
+                 seed's tables own, (b) a seed site or the state record does not hold
+                 what format 3 says the selection puts there (computed from the seed's
+                 stored copies, fields and targets; see `Oracle`), or the seed itself
+                 refuses the selection, (c) patching the seed itself disagrees with
+                 that, (d) a relocation slot a site owns differs from patching the
+                 seed (only when the mutation left the relocation data alone)
   bad_message    stderr breaks the contract (not one `linkfix: FILE: ` line for
                  exit 2, exit 3 from another command than verify, output on
                  stdout on failure)
 
 Cases are reproducible: case i of seed S draws everything from
 `random.Random(f"{S}/{i}")`. Each bug's image and command are kept in
-build/fuzz/failures/ (for silent_wrong also the output, case-ID.out, and, when the
-site bytes are what is wrong, the output of patching the seed, case-ID.ref).
+build/fuzz/failures/ (for silent_wrong also the output, case-ID.out, and the
+output of patching the seed, case-ID.ref, when there is one).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import io
 import json
@@ -67,8 +79,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT  # noqa: E402
 
 sys.path.insert(0, ROOT)
-from linkfix import image, layout, tables  # noqa: E402
+from linkfix import image, layout, selection, tables  # noqa: E402
 from linkfix.cli import main  # noqa: E402
+from linkfix.errors import BadInput  # noqa: E402
 
 WORK = os.path.join(ROOT, "build", "fuzz")
 DOC_BEGIN = "<!-- fuzz:begin (generated by bench/fuzz.py --doc; do not edit) -->"
@@ -81,6 +94,50 @@ GOOD = ("ok", "refused", "mismatch")
 # -- the corpus ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Entry:
+    """Body table entry (op, k) of a seed, where it lies and what it holds."""
+
+    op: int
+    k: int
+    at: int  # file offset of the 16-byte entry
+    vaddr: int
+    copy: int | None  # absolute address of the stored copy (None: 0, no copy)
+    crc: int
+    length: int
+    flags: int
+    n_fields: int
+    first: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.flags & layout.FLAG_PRESENT)
+
+
+@dataclass(frozen=True)
+class FieldRec:
+    """One (position, size) pair of the field list and its recorded target."""
+
+    at: int  # file offset of the pair
+    pos: int
+    size: int  # low 6 bits of the size byte
+    pcrel: bool
+    target_at: int | None  # file offset of the recorded target word (None: unrecorded)
+    target_vaddr: int | None
+    target: int | None  # S + A
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What a site of op `op` holds for alternative k, by the seed's own tables:
+    `code` with each PC-relative field (pos, target) holding target - s - pos at a
+    site s; a branch op's jump (`per_site`) is e9 + the record's target - s - 5."""
+
+    code: bytes
+    pcrel: tuple[tuple[int, int], ...]
+    per_site: bool = False
+
+
 @dataclass
 class Seed:
     """A valid image and the places its structures occupy in the file."""
@@ -88,20 +145,57 @@ class Seed:
     name: str
     data: bytes
     bits: int
-    backends: tuple[str, ...]
-    ops: tuple[str, ...]
+    meta: layout.Meta
     regions: dict[str, tuple[int, int]]  # structure -> (file offset, size)
     meta_off: int
+    meta_vaddr: int
+    bounds_off: int  # file offset of the six self-relative table bounds
+    entries: dict[tuple[int, int], Entry]  # (op, k) -> body table entry
+    fields: list[FieldRec]
     sites_off: int
     sites_vaddr: int
-    rec_size: int
-    n_sites: int
-    site_addrs: list[int]
-    body_addrs: list[list[int]]  # per alternative k, per record
+    n_op_sites: int
+    branches_off: int
+    branches_vaddr: int
+    n_branch_sites: int
+    site_addrs: list[int]  # op sites, then branch sites (linkfix's numbering)
+    site_ops: list[int]
+    site_lens: list[int]
+    branch_gy: list[tuple[int, int]]  # per branch site: (generic, true) targets
+    copies: dict[tuple[int, int], Truth]  # every present alternative
     targets: dict[str, int]  # interesting addresses: name -> vaddr
     vaddr_to_off: list[tuple[int, int, int]]  # (vaddr, offset, filesz) of every PT_LOAD
     relocs: list[tuple[int, int, bool]] = field(default_factory=list)  # (offset, size, rela)
+    static_relocs: list[tuple[int, int, bool]] = field(default_factory=list)  # link-time ones
     symbols: list[tuple[int, str]] = field(default_factory=list)  # (value field offset, name)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return self.meta.backends
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return self.meta.ops
+
+    @property
+    def n_real(self) -> int:
+        return self.meta.n_real_ops
+
+    @property
+    def n_alts(self) -> int:
+        return len(self.meta.backends) + 1
+
+    @property
+    def n_sites(self) -> int:
+        return self.n_op_sites + self.n_branch_sites
+
+    @property
+    def word(self) -> int:
+        return 8 if self.bits == 64 else 4
+
+    @property
+    def copy_addrs(self) -> list[int]:
+        return sorted({e.copy for e in self.entries.values() if e.copy is not None})
 
     def offset(self, vaddr: int) -> int | None:
         for v, o, n in self.vaddr_to_off:
@@ -109,37 +203,127 @@ class Seed:
                 return vaddr - v + o
         return None
 
+    def vaddr_of(self, off: int) -> int:
+        """The address of a file offset inside .linkfix.meta."""
+        return self.meta_vaddr + off - self.meta_off
+
+
+BRANCH_SITE_LEN = 5  # a branch site is one `e9 rel32`
+
+
+def _signed(value: int, bits: int) -> int:
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _parse_header(data: bytes, off: int, vaddr: int, bits: int
+                  ) -> tuple[int, dict[tuple[int, int], Entry], list[FieldRec], int]:
+    """The header by FORMAT.md, read without linkfix: the bounds' offset, the body table,
+    the field list with the recorded targets, and the header's end (file offsets)."""
+    n_ops, nb = struct.unpack_from("<HH", data, off + 12)
+    names_size = struct.unpack_from("<H", data, off + 18)[0]
+    head = layout.META_STATE_OFFSET + n_ops + names_size
+    head += -head % 4
+    bounds_off = off + head
+    table = bounds_off + layout.BOUNDS.size
+    mask = (1 << bits) - 1
+    entries = {}
+    n_alts = nb + 1
+    for op in range(n_ops):
+        for k in range(n_alts):
+            at = table + layout.BODY.size * (op * n_alts + k)
+            rel, crc, ln, fl, nf, _r, first, _r2 = layout.BODY.unpack_from(data, at)
+            ev = vaddr + at - off
+            entries[(op, k)] = Entry(op, k, at, ev, (ev + rel) & mask if rel else None, crc,
+                                     ln, fl, nf, first)
+    n_fields = max((e.first + e.n_fields for e in entries.values() if e.n_fields), default=0)
+    fields_at = table + layout.BODY.size * n_ops * n_alts
+    words = fields_at + 2 * n_fields
+    words += -words % 4
+    word = bits // 8
+    fields = []
+    w = 0
+    for j in range(n_fields):
+        pos, sf = data[fields_at + 2 * j], data[fields_at + 2 * j + 1]
+        t_at = t_v = target = None
+        if not sf & layout.FIELD_UNRECORDED:
+            t_at = words + word * w
+            t_v = vaddr + t_at - off
+            value = _signed(int.from_bytes(data[t_at:t_at + word], "little"), bits)
+            target = (t_v + value) & mask
+            w += 1
+        fields.append(FieldRec(fields_at + 2 * j, pos, sf & 0x3F, bool(sf & layout.FIELD_PCREL),
+                               t_at, t_v, target))
+    return bounds_off, entries, fields, words + word * w
+
+
+def _truth(seed_name: str, data: bytes, seed_off, entries: dict[tuple[int, int], Entry],
+           fields: list[FieldRec], n_real: int) -> dict[tuple[int, int], Truth]:
+    """Every present alternative's bytes, from the stored copies and the field list."""
+    out = {}
+    for (op, k), e in entries.items():
+        if not e.present:
+            continue
+        if op >= n_real and k in (0, op - n_real + 1):
+            out[(op, k)] = Truth(b"\xe9" + bytes(4), (), per_site=True)
+            continue
+        at = seed_off(e.copy) if e.copy is not None else None
+        if at is None:
+            raise SystemExit(f"fuzz: corpus {seed_name}: copy ({op}, {k}) not file-backed")
+        code = bytes(data[at:at + e.length])
+        pcrel = tuple((f.pos, f.target) for f in fields[e.first:e.first + e.n_fields]
+                      if f.pcrel and f.target is not None)
+        out[(op, k)] = Truth(code, pcrel)
+    return out
+
 
 def describe(name: str, data: bytes) -> Seed:
-    """Parse a valid image with linkfix itself and note where everything lies."""
+    """Note where everything lies in a valid image, read by FORMAT.md, and check that
+    linkfix reads the image the same way (the oracle's truth is this reading)."""
     img = image.Image(name, data)
     t = tables.load(img)
     chk = tables.check_records(t)
     w64 = img.bits == 64
     (phoff, shoff) = struct.unpack_from("<QQ" if w64 else "<II", data, 32 if w64 else 28)
     phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54 if w64 else 42)
+    mr = t.meta_region
+    bounds_off, entries, fields, end = _parse_header(data, mr.offset, mr.vaddr, img.bits)
+    table_off = bounds_off + layout.BOUNDS.size
+    fields_off = table_off + layout.BODY.size * len(entries)
     regions = {
         "ehdr": (0, 64 if w64 else 52),
         "phdrs": (phoff, phentsize * phnum),
         "shdrs": (shoff, shentsize * shnum),
-        "meta": (t.meta_region.offset, t.meta_region.size),
+        "meta": (mr.offset, mr.size),
+        "meta.head": (mr.offset, bounds_off - mr.offset),
+        "meta.bounds": (bounds_off, layout.BOUNDS.size),
+        "meta.table": (table_off, fields_off - table_off),
+        "meta.fields": (fields_off, end - fields_off),
         "sites": (t.sites_region.offset, t.sites_region.size),
     }
+    if t.branches_region.size:
+        regions["branches"] = (t.branches_region.offset, t.branches_region.size)
     if t.repl_region is not None and t.repl_region.size:
         regions["repl"] = (t.repl_region.offset, t.repl_region.size)
-    targets = {"meta": t.meta_region.vaddr, "sites": t.sites_region.vaddr, "zero": 0}
+    targets = {"meta": mr.vaddr, "sites": t.sites_region.vaddr, "zero": 0,
+               "sites_end": t.sites_region.vaddr + t.sites_region.size}
+    if t.branches_region.size:
+        targets["branches"] = t.branches_region.vaddr
     if t.repl_region is not None:
         targets["repl"] = t.repl_region.vaddr
+        targets["repl_end"] = t.repl_region.vaddr + t.repl_region.size
     for seg in img.load_segments:
         targets[f"seg{seg.vaddr:#x}"] = seg.vaddr
         targets[f"segend{seg.vaddr:#x}"] = seg.vaddr + seg.filesz
         if seg.memsz > seg.filesz:
             targets[f"bss{seg.vaddr:#x}"] = seg.vaddr + seg.filesz + 4
-    relocs = []
-    symbols = []
+    relocs, statics, symbols = [], [], []
+    static_secs = {rt.section.index for rt in img.static_relocs}
     for sec in img.sections:
         if sec.type in (image.SHT_RELA, image.SHT_REL) and sec.size:
             relocs.append((sec.offset, sec.size, sec.type == image.SHT_RELA))
+            if sec.index in static_secs:
+                statics.append((sec.offset, sec.size, sec.type == image.SHT_RELA))
+                regions[sec.name] = (sec.offset, sec.size)
         if sec.name in (".debug_line", ".debug_info", ".debug_abbrev", ".debug_line_str",
                         ".debug_str") and sec.size:
             regions[sec.name] = (sec.offset, sec.size)  # read by `inspect` (pyelftools)
@@ -156,15 +340,45 @@ def describe(name: str, data: bytes) -> Seed:
                 label = data[s0:data.index(b"\0", s0)].decode("utf-8", "replace")
                 if label.startswith("__linkfix_") or label.startswith("__lf_"):
                     symbols.append((at + (8 if w64 else 4), label))
+    # The records, read by FORMAT.md.
+    sr, br = t.sites_region, t.branches_region
+    addrs, ops, lens, gy = [], [], [], []
+    for i in range(sr.size // layout.SITE_REC_SIZE):
+        rel, op, ln, _kind = layout.SITE.unpack_from(data, sr.offset + 8 * i)
+        addrs.append(sr.vaddr + 8 * i + rel)
+        ops.append(op)
+        lens.append(ln)
+    for i in range(br.size // layout.BRANCH_REC_SIZE):
+        at = br.vaddr + 16 * i
+        s, g, y, op, _backend, _kind = layout.BRANCH.unpack_from(data, br.offset + 16 * i)
+        addrs.append(at + s)
+        ops.append(op)
+        lens.append(BRANCH_SITE_LEN)
+        gy.append((at + 4 + g, at + 8 + y))
+    vto = [(s.vaddr, s.offset, s.filesz) for s in img.load_segments]
+
+    def off_of(v: int) -> int | None:
+        return next((v - a + o for a, o, n in vto if a <= v < a + n), None)
+
+    truth = _truth(name, data, off_of, entries, fields, t.meta.n_real_ops)
+    # The fuzzer's reading must be linkfix's: else the oracle judges by something else.
+    theirs = {key: (c.code, c.pcrel, c.per_site) for key, c in chk.copies.items()}
+    mine = {key: (c.code, c.pcrel, c.per_site) for key, c in truth.items()}
+    if (addrs, ops) != (list(chk.site_addrs), list(chk.site_ops)) or mine != theirs or \
+            lens != [chk.shape_of(i).site_len for i in range(len(addrs))] or \
+            gy != [chk.branch_targets(t.n_op_sites + j) for j in range(len(gy))] or \
+            any(chk.copies[key].addr != entries[key].copy for key in chk.copies
+                if not chk.copies[key].per_site) or end - mr.offset > mr.size:
+        raise SystemExit(f"fuzz: corpus {name}: reading the tables by docs/FORMAT.md disagrees "
+                         "with linkfix's reading")
     return Seed(
-        name=name, data=data, bits=img.bits, backends=t.meta.backends, ops=t.meta.ops,
-        regions=regions, meta_off=t.meta_region.offset, sites_off=t.sites_region.offset,
-        sites_vaddr=t.sites_region.vaddr, rec_size=t.rec_size, n_sites=t.n_sites,
-        site_addrs=list(chk.site_addrs),
-        body_addrs=[list(chk.body_addrs(k)) for k in range(t.n_alts)],
-        targets=targets,
-        vaddr_to_off=[(s.vaddr, s.offset, s.filesz) for s in img.load_segments],
-        relocs=relocs, symbols=symbols)
+        name=name, data=data, bits=img.bits, meta=t.meta, regions=regions,
+        meta_off=mr.offset, meta_vaddr=mr.vaddr, bounds_off=bounds_off, entries=entries,
+        fields=fields, sites_off=sr.offset, sites_vaddr=sr.vaddr, n_op_sites=t.n_op_sites,
+        branches_off=br.offset, branches_vaddr=br.vaddr, n_branch_sites=t.n_branch_sites,
+        site_addrs=addrs, site_ops=ops, site_lens=lens, branch_gy=gy, copies=truth,
+        targets=targets, vaddr_to_off=vto, relocs=relocs, static_relocs=statics,
+        symbols=symbols)
 
 
 _USES_C = r"""
@@ -249,10 +463,19 @@ def build_corpus(work: str, genstubs: bool = True, ld: bool = True,
         si.build_fast(p, **kw)  # type: ignore[arg-type]
         paths.append((name, p))
 
+    def patched(name: str, src: str, target: str) -> None:
+        """`src` patched for `target`: a non-zero state record, sites holding bodies."""
+        p = os.path.join(corpus_dir, name)
+        rc, _o, err = run_main(["patch", src, "-o", p, "--target", target, "-q"])
+        if rc:
+            raise SystemExit(f"fuzz: corpus: patch {src}: {err.strip()}")
+        paths.append((name, p))
+
     synth("synth64", n_sites=40, bits=64, seed=1)
     synth("synth32", n_sites=40, bits=32, seed=2)
-    synth("synth64-nosections", n_sites=24, bits=64, seed=3, section_names=False,
-          empty_body_zero=True)
+    synth("synth64-nosections", n_sites=24, bits=64, seed=3, section_names=False)
+    patched("synth64.lguest", paths[0][1], "lguest")
+    patched("synth32.xen", paths[1][1], "xen")
     if ld:
         site_ops = [i % (len(si.DEFAULT_OPS) + 3) for i in range(18)]
         pie_ops = tuple(si.SynthOp(o.name, {b: "rip_movl" if k == "gs_movb" else k
@@ -261,21 +484,18 @@ def build_corpus(work: str, genstubs: bool = True, ld: bool = True,
         for name, bits, kw in (("ld64-relocs", 64, {"emit_relocs": True}),
                                ("ld32-relocs", 32, {"emit_relocs": True}),
                                ("ld64-pie", 64, {"pie": True, "ops": pie_ops}),
-                               # load-time relocations inside sites and bodies
-                               ("ld32-pie", 32, {"pie": True, "indirect_generic": True})):
+                               # load-time relocations inside copies
+                               ("ld32-pie", 32, {"pie": True})):
             d = os.path.join(corpus_dir, name + ".d")
             p = si.build_asm(os.path.join(corpus_dir, name), d, site_ops, bits, **kw)
             paths.append((name, p))
+            if name == "ld64-relocs":  # relocation slots rewritten, branch slots moved
+                patched("ld64-relocs.xen", p, "xen")
     if genstubs:
         for arch in ("x86_64", "i386"):
             p = genstubs_image(arch, os.path.join(corpus_dir, f"genstubs-{arch}.d"))
             paths.append((f"genstubs-{arch}", p))
-            # The same image patched for xen: a non-zero state record.
-            px = os.path.join(corpus_dir, f"genstubs-{arch}.xen")
-            rc, _o, err = run_main(["patch", p, "-o", px, "--target", "xen", "-q"])
-            if rc:
-                raise SystemExit(f"fuzz: corpus: patch {p}: {err.strip()}")
-            paths.append((f"genstubs-{arch}.xen", px))
+            patched(f"genstubs-{arch}.xen", p, "xen")
     if sample:
         for rel in SAMPLE:
             p = os.path.join(ROOT, rel)
@@ -298,8 +518,9 @@ INTERESTING = {
 }
 _FMT = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
 
-# Byte strings that stress the body decoder and relocator: rel8/rel16/rel32 branches in
-# and out of the body, loops, RIP-relative accesses, xbegin, ret, truncated instructions.
+# Byte strings that stress the copy decoder and the field checks: rel8/rel16/rel32
+# branches in and out of the copy, loops, RIP-relative accesses, xbegin, ret,
+# truncated instructions.
 TRICKY = [
     b"\xeb\x00", b"\xeb\x80", b"\xeb\xfe", b"\xeb\x7f", b"\x74\x7f", b"\x75\x80", b"\xe2\xfe",
     b"\xe3\x10", b"\x66\xe8\x00\x00", b"\x66\xe9\x10\x00", b"\xc7\xf8\x00\x00\x00\x00",
@@ -307,7 +528,8 @@ TRICKY = [
     b"\x0f\x84\x00\x00\x00\x80", b"\x0f\x84\xff\xff\xff\x7f", b"\xe8\xff\xff\xff\x7f",
     b"\xe8\x00\x00\x00\x80", b"\xe9\x00\x00\x00\x00", b"\x66\x66\x66\x66\x90", b"\xf0",
     b"\x0f", b"\xe8\x00", b"\x8b\x05\x00\x00\x00\x00", b"\xc7\x05\x00\x00\x00\x00\x01\x00\x00\x00",
-    b"\xeb\x01\xcc", b"\x74\x03\xfa\xfa\xfa", b"\xe2\x00", b"\xe3\xff",
+    b"\xeb\x01\xcc", b"\x74\x03\xfa\xfa\xfa", b"\xe2\x00", b"\xe3\xff", b"\x90", b"\x2e",
+    b"\xfa", b"\xfb", b"\x0f\x1f\x00", b"\xcc\xcc",
 ]
 
 
@@ -416,26 +638,34 @@ def m_elf(rng: random.Random, seed: Seed, data: bytearray) -> str:
 _META = {"magic": (0, 1), "version": (8, 2), "machine": (10, 2), "n_ops": (12, 2),
          "n_backends": (14, 2), "site_rec_size": (16, 2), "names_size": (18, 2),
          "spec_hash": (20, 4), "target": (24, 1), "patched": (25, 1), "reserved": (26, 2)}
+_BOUND_NAMES = ("sites_start", "sites_end", "branches_start", "branches_end", "repl_start",
+                "repl_end")
 
 
 def m_meta(rng: random.Random, seed: Seed, data: bytearray) -> str:
     base = seed.meta_off
     r = rng.random()
-    if r < 0.55:
+    if r < 0.45:
         name, (off, size) = rng.choice(list(_META.items()))
         _put(data, base + off, size, _value(rng, size, _get(data, base + off, size)))
         return f"meta {name}"
     n_ops = len(seed.ops)
-    if r < 0.7:
+    if r < 0.6:
         i = rng.randrange(n_ops)
-        data[base + 28 + i] = rng.choice([0, 1, len(seed.backends), len(seed.backends) + 1,
+        data[base + 28 + i] = rng.choice([0, 1, 2, len(seed.backends), len(seed.backends) + 1,
                                           0xFF])
         return f"meta op_state[{i}]"
+    if r < 0.75:  # a table bound retargeted (it must agree with the section and symbols)
+        j = rng.randrange(6)
+        at = seed.bounds_off + 4 * j
+        value, what = _retarget(rng, seed, seed.vaddr_of(at))
+        _put(data, at, 4, value)
+        return f"meta bounds.{_BOUND_NAMES[j]} -> {what}"
     # The name table: a byte changed, a NUL moved, invalid UTF-8, a duplicate name.
     names_at = base + 28 + n_ops
     names = b"".join(n.encode() + b"\0" for n in (*seed.backends, *seed.ops))
     pos = names_at + rng.randrange(len(names))
-    choice = rng.choice(["byte", "nul", "utf8", "dup", "generic"])
+    choice = rng.choice(["byte", "nul", "utf8", "dup", "generic", "swap"])
     if choice == "byte":
         data[pos] = rng.getrandbits(8)
     elif choice == "nul":
@@ -448,6 +678,15 @@ def m_meta(rng: random.Random, seed: Seed, data: bytearray) -> str:
         if len(a) == len(b):
             start = names_at + len(a) + 1
             data[start:start + len(b)] = a
+    elif choice == "swap":  # two op names of the same length exchanged
+        offs, at = [], names_at + sum(len(b) + 1 for b in seed.backends)
+        for n in seed.ops[:seed.n_real]:
+            offs.append((at, n.encode()))
+            at += len(n) + 1
+        pairs = [(a, b) for a in offs for b in offs if a[0] < b[0] and len(a[1]) == len(b[1])]
+        if pairs:
+            (a_at, a), (b_at, b) = rng.choice(pairs)
+            data[a_at:a_at + len(a)], data[b_at:b_at + len(b)] = b, a
     else:
         first = seed.backends[0].encode()
         if len(first) >= 7:
@@ -455,103 +694,227 @@ def m_meta(rng: random.Random, seed: Seed, data: bytearray) -> str:
     return f"meta names {choice}"
 
 
-def _retarget(rng: random.Random, seed: Seed, field_vaddr: int) -> tuple[int, str]:
-    """A self-relative value pointing somewhere interesting, and what it points at."""
+def _retarget(rng: random.Random, seed: Seed, field_vaddr: int, code: bool = False
+              ) -> tuple[int, str]:
+    """A self-relative value pointing somewhere interesting, and what it points at
+    (`code`: mostly into the executable segment, for jump targets)."""
     r = rng.random()
-    if r < 0.3 and seed.site_addrs:
+    if r < (0.35 if code else 0.25) and seed.site_addrs:
         j = rng.randrange(len(seed.site_addrs))
-        t = seed.site_addrs[j] + rng.choice([0, 0, 1, 2, 4, -1, -3])
+        t = seed.site_addrs[j] + rng.choice([0, 0, 1, 2, 4, 5, -1, -3, seed.site_lens[j]])
         return t - field_vaddr, f"site[{j}]{t - seed.site_addrs[j]:+d}"
-    if r < 0.5:
-        k = rng.randrange(len(seed.body_addrs))
-        j = rng.randrange(len(seed.body_addrs[k]))
-        t = seed.body_addrs[k][j] + rng.choice([0, 0, 1, -1, 3])
-        return t - field_vaddr, f"body[{k}][{j}]"
+    if r < 0.5 and seed.branch_gy and (code or r < 0.3):
+        j = rng.randrange(len(seed.branch_gy))
+        which = rng.randrange(2)
+        t = seed.branch_gy[j][which] + rng.choice([0, 0, 0, 1, -1, 2])
+        return t - field_vaddr, f"branch[{j}].{'gt'[which]}{t - seed.branch_gy[j][which]:+d}"
+    if r < 0.65 and seed.copy_addrs:
+        a = rng.choice(seed.copy_addrs)
+        t = a + rng.choice([0, 0, 1, -1, 3, 5])
+        return t - field_vaddr, f"copy@{a:#x}{t - a:+d}"
     name = rng.choice(sorted(seed.targets))
     t = seed.targets[name] + rng.choice([0, 0, 1, -1, -4, 8])
-    return t - field_vaddr, name
+    return t - field_vaddr, f"{name}{t - seed.targets[name]:+d}"
+
+
+def _copy_record(data: bytearray, base: int, size: int, i: int, j: int, rel: tuple[int, ...]
+                 ) -> None:
+    """Record j copied over record i, its self-relative fields (at `rel`) still aimed at
+    record j's targets."""
+    rec = bytearray(data[base + j * size:base + (j + 1) * size])
+    for f in rel:
+        v = _get(rec, f, 4)
+        struct.pack_into("<i", rec, f, _signed((v + (j - i) * size) & 0xFFFFFFFF, 32))
+    data[base + i * size:base + (i + 1) * size] = rec
 
 
 def m_site(rng: random.Random, seed: Seed, data: bytearray) -> str:
-    if not seed.n_sites:
-        return "site: none"
-    i = rng.randrange(seed.n_sites)
-    rec = seed.sites_off + i * seed.rec_size
-    rec_vaddr = seed.sites_vaddr + i * seed.rec_size
-    n_alts = len(seed.backends) + 1
+    """An op site record (8 bytes: site, op, site_len, kind)."""
+    if not seed.n_op_sites:
+        return m_branch(rng, seed, data) if seed.n_branch_sites else "site: none"
+    i = rng.randrange(seed.n_op_sites)
+    rs = layout.SITE_REC_SIZE
+    rec = seed.sites_off + i * rs
+    rec_vaddr = seed.sites_vaddr + i * rs
     r = rng.random()
-    if r < 0.08:  # one record copied over another: duplicate (overlapping) sites
-        j = rng.randrange(seed.n_sites)
-        src = seed.sites_off + j * seed.rec_size
-        rec_bytes = bytearray(data[src:src + seed.rec_size])
-        # Keep self-relative fields pointing at record j's targets.
-        for f in range(0, 8 * (n_alts + 1), 8):
-            v = _get(rec_bytes, f, 4)
-            if v:
-                struct.pack_into("<i", rec_bytes, f,
-                                 ((v + (j - i) * seed.rec_size + 0x80000000) & 0xFFFFFFFF)
-                                 - 0x80000000)
-        data[rec:rec + seed.rec_size] = rec_bytes
+    if r < 0.1:  # one record copied over another: duplicate (overlapping) sites
+        j = rng.randrange(seed.n_op_sites)
+        _copy_record(data, seed.sites_off, rs, i, j, (0,))
         return f"site[{i}] = copy of site[{j}]"
-    if r < 0.3:
-        value, what = _retarget(rng, seed, rec_vaddr)
+    if r < 0.45:
+        value, what = _retarget(rng, seed, rec_vaddr, code=True)
         _put(data, rec, 4, value)
         return f"site[{i}].site -> {what}"
-    if r < 0.38:
-        _put(data, rec + 4, 2, rng.choice([rng.randrange(len(seed.ops) + 2), 0xFFFF]))
-        return f"site[{i}].op"
-    if r < 0.46:
+    if r < 0.7:
+        op = seed.site_ops[i]
+        same = [o for o in range(seed.n_real) if o != op and
+                seed.entries[(o, 0)].length == seed.site_lens[i]]
+        choice = rng.choice([rng.randrange(len(seed.ops) + 2), 0xFFFF, 0x100 + op,
+                             seed.n_real, op ^ 1] + same * 3)
+        _put(data, rec + 4, 2, choice)
+        return f"site[{i}].op {op} -> {choice}"
+    if r < 0.88:
         _put(data, rec + 6, 1, _value(rng, 1, data[rec + 6]))
         return f"site[{i}].site_len"
-    if r < 0.5:
-        _put(data, rec + 7, 1, rng.choice([0, 1, 2, 0xFF]))
-        return f"site[{i}].kind"
-    k = rng.randrange(n_alts)
-    fa = rec + 8 + 8 * k
+    _put(data, rec + 7, 1, rng.choice([1, 2, 0x80, 0xFF]))
+    return f"site[{i}].kind"
+
+
+_BRANCH_FIELDS = {0: "site", 4: "generic", 8: "true"}
+
+
+def m_branch(rng: random.Random, seed: Seed, data: bytearray) -> str:
+    """A branch record (16 bytes: site, generic target, true target, op, the backend it
+    tests, kind)."""
+    if not seed.n_branch_sites:
+        return m_site(rng, seed, data) if seed.n_op_sites else "branch: none"
+    i = rng.randrange(seed.n_branch_sites)
+    rs = layout.BRANCH_REC_SIZE
+    rec = seed.branches_off + i * rs
+    rec_vaddr = seed.branches_vaddr + i * rs
     r = rng.random()
-    if r < 0.35:
-        value, what = _retarget(rng, seed, rec_vaddr + 8 + 8 * k)
-        _put(data, fa, 4, value)
-        return f"site[{i}].body[{k}] -> {what}"
-    if r < 0.65:
-        _put(data, fa + 4, 1, _value(rng, 1, data[fa + 4]))
-        return f"site[{i}].len[{k}]"
-    if r < 0.9:
-        _put(data, fa + 5, 1, rng.choice([0, 1, 3, 5, 7, 9, rng.getrandbits(8)]))
-        return f"site[{i}].flags[{k}]"
-    _put(data, fa + 6, 2, rng.getrandbits(16))
-    return f"site[{i}].reserved[{k}]"
+    if r < 0.08:
+        j = rng.randrange(seed.n_branch_sites)
+        _copy_record(data, seed.branches_off, rs, i, j, (0, 4, 8))
+        return f"branch[{i}] = copy of branch[{j}]"
+    if r < 0.7:
+        f = rng.choice([0, 4, 4, 8, 8])
+        value, what = _retarget(rng, seed, rec_vaddr + f, code=True)
+        _put(data, rec + f, 4, value)
+        return f"branch[{i}].{_BRANCH_FIELDS[f]} -> {what}"
+    if r < 0.85:
+        op = seed.site_ops[seed.n_op_sites + i]
+        choice = rng.choice([rng.randrange(len(seed.ops) + 2), 0xFFFF, 0, op + 1, op - 1,
+                             seed.n_real, len(seed.ops) - 1])
+        _put(data, rec + 12, 2, choice)
+        return f"branch[{i}].op {op} -> {choice}"
+    if r < 0.93:  # the backend tested, which repeats what the op says
+        b = seed.site_ops[seed.n_op_sites + i] - seed.n_real + 1
+        _put(data, rec + 14, 1, rng.choice([0, 5, b - 1, b + 1, len(seed.backends) + 1, 255,
+                                            rng.getrandbits(8)]))
+        return f"branch[{i}].backend {b} -> {data[rec + 14]}"
+    _put(data, rec + 15, 1, rng.choice([0, 2, 0x81, 0xFF]))
+    return f"branch[{i}].kind"
 
 
-def m_body(rng: random.Random, seed: Seed, data: bytearray) -> str:
-    """Overwrite a body in .linkfix.repl with random or tricky instruction bytes."""
-    if not seed.n_sites:
-        return "body: none"
-    i = rng.randrange(seed.n_sites)
-    k = rng.randrange(len(seed.body_addrs))
-    rec = seed.sites_off + i * seed.rec_size
-    blen = data[rec + 8 + 8 * k + 4] if rec + 8 + 8 * k + 4 < len(data) else 0
-    off = seed.offset(seed.body_addrs[k][i])
-    if off is None or not blen:
-        return "body: empty"
-    snippet = rng.choice(TRICKY) if rng.random() < 0.7 else rng.randbytes(rng.randint(1, 6))
-    at = off + rng.randrange(blen)
-    data[at:at + len(snippet)] = snippet[:max(0, len(data) - at)]
-    # Keep the file length: the slice assignment may have grown the buffer.
-    del data[len(seed.data):]
-    return f"body site[{i}] alt {k}: {snippet.hex()}"
+def m_entry(rng: random.Random, seed: Seed, data: bytearray) -> str:
+    """A body table entry (copy, crc, len, flags, n_fields, 0, first, 0)."""
+    keys = list(seed.entries)
+    present = [key for key in keys if seed.entries[key].present]
+    op, k = rng.choice(present if present and rng.random() < 0.85 else keys)
+    e = seed.entries[(op, k)]
+    at = e.at
+    what = f"entry[{seed.ops[op]}][{k}]"
+    r = rng.random()
+    if r < 0.3:
+        value, where = _retarget(rng, seed, e.vaddr)
+        _put(data, at, 4, value)
+        return f"{what}.copy -> {where}"
+    if r < 0.42:
+        if rng.random() < 0.5:
+            data[at + 4 + rng.randrange(4)] ^= 1 << rng.randrange(8)
+        else:
+            _put(data, at + 4, 4, _value(rng, 4, e.crc))
+        return f"{what}.crc"
+    if r < 0.57:
+        _put(data, at + 8, 1, rng.choice([0, 1, 4, 5, 6, e.length - 1, e.length + 1, 255,
+                                          _value(rng, 1, e.length)]))
+        return f"{what}.len"
+    if r < 0.72:
+        _put(data, at + 9, 1, rng.choice([0, 1, 3, 5, 7, 9, 0xB, 0x10, e.flags ^ 2,
+                                          e.flags ^ 8, rng.getrandbits(8)]))
+        return f"{what}.flags {e.flags:#x} -> {data[at + 9]:#x}"
+    if r < 0.82:
+        _put(data, at + 10, 1, rng.choice([0, 1, 2, e.n_fields - 1, e.n_fields + 1, 255]))
+        return f"{what}.n_fields {e.n_fields} -> {data[at + 10]}"
+    if r < 0.92:
+        _put(data, at + 12, 2, rng.choice([0, 1, e.first - 1, e.first + 1, len(seed.fields),
+                                           0xFFFF]))
+        return f"{what}.first {e.first} -> {_get(data, at + 12, 2)}"
+    off = rng.choice([11, 14, 15])
+    data[at + off] = rng.choice([1, 0x80, 0xFF])
+    return f"{what}.reserved+{off}"
+
+
+def m_copy(rng: random.Random, seed: Seed, data: bytearray) -> str:
+    """The bytes of a stored copy in .linkfix.repl: a bit flip (in a relocated field or
+    anywhere), tricky instruction bytes or random bytes. Every one must be refused: the
+    CRC covers the bytes outside the fields, the recorded targets the fields."""
+    stored = [key for key, e in seed.entries.items() if e.present and e.copy is not None]
+    if not stored:
+        return "copy: none"
+    op, k = rng.choice(stored)
+    e = seed.entries[(op, k)]
+    assert e.copy is not None
+    off = seed.offset(e.copy)
+    if off is None or not e.length:
+        return "copy: empty"
+    what = f"copy[{seed.ops[op]}][{k}]"
+    r = rng.random()
+    flds = seed.fields[e.first:e.first + e.n_fields]
+    if r < 0.25 and flds:
+        f = rng.choice(flds)
+        bit = rng.randrange(8 * f.size)
+        data[off + f.pos + bit // 8] ^= 1 << bit % 8
+        return f"{what}: bit {bit} of the field at +{f.pos}"
+    if r < 0.55:
+        pos = rng.randrange(e.length)
+        data[off + pos] ^= 1 << rng.randrange(8)
+        return f"{what}: bit flip at +{pos}"
+    snippet = rng.choice(TRICKY) if r < 0.85 else rng.randbytes(rng.randint(1, 6))
+    pos = rng.randrange(e.length)
+    snippet = snippet[:e.length - pos]
+    data[off + pos:off + pos + len(snippet)] = snippet
+    return f"{what}: {snippet.hex()} at +{pos}"
+
+
+def m_fields(rng: random.Random, seed: Seed, data: bytearray) -> str:
+    """The field list after the body table, and the recorded targets after it."""
+    if not seed.fields:
+        return m_entry(rng, seed, data)
+    j = rng.randrange(len(seed.fields))
+    f = seed.fields[j]
+    r = rng.random()
+    if r < 0.2:
+        data[f.at] = rng.choice([0, 1, f.pos - 1, f.pos + 1, f.pos + 4, 255])
+        return f"field[{j}].pos {f.pos} -> {data[f.at]}"
+    if r < 0.45:
+        sf = data[f.at + 1]
+        new = rng.choice([sf ^ layout.FIELD_PCREL, sf ^ layout.FIELD_UNRECORDED,
+                          (sf & 0xC0) | rng.choice([1, 2, 3, 8, 0x3F]), sf | 0x10, sf | 0x20])
+        data[f.at + 1] = new & 0xFF
+        return f"field[{j}].size {sf:#x} -> {new & 0xFF:#x}"
+    recorded = [x for x in seed.fields if x.target_at is not None]
+    if not recorded:
+        return f"field[{j}]: no recorded target"
+    f = rng.choice(recorded)
+    assert f.target_at is not None and f.target_vaddr is not None and f.target is not None
+    w = seed.word
+    if r < 0.7:
+        other = rng.choice(recorded)
+        t = (other.target or 0) + rng.choice([0, 0, 1, -1, 4])
+        what = f"field at {other.at:#x}'s target{t - (other.target or 0):+d}"
+    elif r < 0.85:
+        t = f.target + rng.choice([1, -1, 4, -4, 0x1000, 1 << 32, -(1 << 32), 1 << 31])
+        what = f"{t - f.target:+#x}"
+    else:
+        value, what = _retarget(rng, seed, f.target_vaddr)
+        t = f.target_vaddr + value
+    _put(data, f.target_at, w, t - f.target_vaddr)
+    return f"target of field at {f.at:#x} -> {what}"
 
 
 def m_site_bytes(rng: random.Random, seed: Seed, data: bytearray) -> str:
-    """Change the bytes at a site (verify must notice; patch must not care)."""
+    """Change the bytes at a site (verify must notice; patch must refuse to overwrite)."""
     if not seed.site_addrs:
         return "site bytes: none"
     i = rng.randrange(len(seed.site_addrs))
     off = seed.offset(seed.site_addrs[i])
     if off is None:
         return "site bytes: unmapped"
-    data[off] ^= 1 << rng.randrange(8)
-    return f"site bytes [{i}]"
+    pos = off + rng.randrange(seed.site_lens[i])
+    data[pos] ^= 1 << rng.randrange(8)
+    return f"site bytes [{i}]+{pos - off}"
 
 
 def m_symbol(rng: random.Random, seed: Seed, data: bytearray) -> str:
@@ -573,15 +936,23 @@ def m_reloc(rng: random.Random, seed: Seed, data: bytearray) -> str:
     j = rng.randrange(size // ent)
     at = off + j * ent
     w = 8 if seed.bits == 64 else 4
-    if rng.random() < 0.5 and seed.site_addrs:
+    r = rng.random()
+    if r < 0.4 and seed.site_addrs:
         _put(data, at, w, rng.choice(seed.site_addrs) + rng.randrange(6))
         return f"reloc[{j}].r_offset -> a site"
-    _put(data, at + w, w, _value(rng, w, _get(data, at + w, w)))
-    return f"reloc[{j}].r_info"
+    if r < 0.55 and seed.copy_addrs:
+        _put(data, at, w, rng.choice(seed.copy_addrs) + rng.randrange(6))
+        return f"reloc[{j}].r_offset -> a copy"
+    if r < 0.8 or not rela:
+        _put(data, at + w, w, _value(rng, w, _get(data, at + w, w)))
+        return f"reloc[{j}].r_info"
+    _put(data, at + 2 * w, w, _value(rng, w, _get(data, at + 2 * w, w)))
+    return f"reloc[{j}].r_addend"
 
 
-MUTATORS = [(m_bitflip, 12), (m_bytes, 8), (m_truncate, 10), (m_elf, 12), (m_meta, 14),
-            (m_site, 26), (m_body, 10), (m_site_bytes, 3), (m_symbol, 2), (m_reloc, 3)]
+MUTATORS = [(m_bitflip, 10), (m_bytes, 7), (m_truncate, 8), (m_elf, 10), (m_meta, 12),
+            (m_site, 16), (m_branch, 10), (m_entry, 14), (m_copy, 10), (m_fields, 8),
+            (m_site_bytes, 3), (m_symbol, 2), (m_reloc, 4)]
 
 
 def mutate(rng: random.Random, seed: Seed) -> tuple[bytes, str]:
@@ -592,6 +963,7 @@ def mutate(rng: random.Random, seed: Seed) -> tuple[bytes, str]:
     # Truncation last: every other mutation finds the structures where the seed has them.
     chosen.sort(key=lambda f: f is m_truncate)
     what = [f(rng, seed, data) for f in chosen]
+    assert len(data) <= len(seed.data)
     return bytes(data), "; ".join(what)
 
 
@@ -793,40 +1165,76 @@ def classify(rc: int | str, out: str, err: str, case: Case, path: str, data: byt
     return {0: "ok", 2: "refused", 3: "mismatch"}[rc], ""  # type: ignore[index]
 
 
+def _in_spans(starts: list[int], ends: list[int], x: int) -> bool:
+    """Does x lie in one of the sorted, disjoint spans [starts[j], ends[j])?"""
+    j = bisect.bisect_right(starts, x) - 1
+    return j >= 0 and x < ends[j]
+
+
+def _spans(addrs: list[int], lens: list[int]) -> tuple[list[int], list[int]]:
+    order = sorted(range(len(addrs)), key=addrs.__getitem__)
+    return [addrs[i] for i in order], [addrs[i] + lens[i] for i in order]
+
+
+_RELOC_FMT = {(64, True): struct.Struct("<QQq"), (64, False): struct.Struct("<QQ"),
+              (32, True): struct.Struct("<IIi"), (32, False): struct.Struct("<II")}
+
+
+def slots_in_sites(data: bytes, statics: list[tuple[int, int, bool]], bits: int,
+                   starts: list[int], ends: list[int]) -> list[tuple[int, int]]:
+    """(file offset, size) of every link-time relocation entry (in the sections at
+    `statics`, read from `data`) whose r_offset lies in a site."""
+    out = []
+    for off, size, rela in statics:
+        fmt = _RELOC_FMT[(bits, rela)]
+        raw = data[off:min(off + size, len(data))]
+        raw = raw[:len(raw) - len(raw) % fmt.size]
+        for j, ent in enumerate(fmt.iter_unpack(raw)):
+            if _in_spans(starts, ends, ent[0]):
+                out.append((off + j * fmt.size, fmt.size))
+    return out
+
+
 def owned_bytes(img: image.Image, t: tables.Tables, chk: tables.Checked) -> bytearray:
     """1 at every file byte `patch` may rewrite by these tables: the sites, the state
-    record and the link-time relocation sections."""
+    record and the link-time relocation slots whose r_offset lies in a site."""
     allowed = bytearray(len(img.data))
-    for i, s in enumerate(chk.site_addrs):
-        n = t.shape(i).site_len
+    lens = [chk.shape_of(i).site_len for i in range(len(chk.site_addrs))]
+    for s, n in zip(chk.site_addrs, lens, strict=True):
         off = img.offset_of(s, n)
         if off is not None:
             allowed[off:off + n] = b"\1" * n
     state = t.meta_region.offset + layout.STATE_OFFSET
     allowed[state:state + 4 + len(t.meta.ops)] = b"\1" * (4 + len(t.meta.ops))
-    for rt in img.static_relocs:
-        if rt.section is not None:
-            sec = rt.section
-            allowed[sec.offset:sec.offset + sec.size] = b"\1" * sec.size
+    starts, ends = _spans(list(chk.site_addrs), lens)
+    if starts:
+        for rt in img.static_relocs:
+            size = img.reloc_struct(rt.rela).size
+            for r in rt.entries_in(starts[0], ends[-1]):
+                if _in_spans(starts, ends, r.offset):
+                    allowed[r.slot:r.slot + size] = b"\1" * size
     return allowed
 
 
-def first_outside(before: bytes, after: bytes, allowed: bytearray) -> int | None:
-    """The first file offset where `after` differs from `before` and `allowed` is 0
-    (beyond `allowed` counts as not allowed)."""
+def first_outside(before: bytes, after: bytes, allowed: bytearray,
+                  extra: list[tuple[int, int]] | tuple = ()) -> int | None:
+    """The first file offset where `after` differs from `before` and neither `allowed`
+    nor one of the `extra` (offset, size) ranges covers it (beyond `allowed` counts as
+    not allowed)."""
     n = min(len(before), len(after))
     for lo in range(0, n, 4096):
         if before[lo:lo + 4096] == after[lo:lo + 4096]:
             continue
         for j in range(lo, min(lo + 4096, n)):
-            if before[j] != after[j] and (j >= len(allowed) or not allowed[j]):
+            if before[j] != after[j] and (j >= len(allowed) or not allowed[j]) and \
+                    not any(a <= j < a + size for a, size in extra):
                 return j
     return None
 
 
 def stray_writes(path: str, before: bytes, after: bytes) -> str:
-    """Where `patch` changed bytes outside the sites, the state record and the
-    link-time relocation sections (empty when it did not)."""
+    """Where `patch` changed bytes outside what the input's own tables own (empty when
+    it did not)."""
     if len(before) != len(after):
         return f"output is {len(after)} bytes, input {len(before)}"
     img = image.Image(path, before)
@@ -838,13 +1246,69 @@ def stray_writes(path: str, before: bytes, after: bytes) -> str:
     return ""
 
 
+def expected_sites(seed: Seed, per_op: tuple[int, ...]) -> list[bytes] | str:
+    """What every site of the seed holds for the selection, by FORMAT.md: the op's
+    copy of the alternative (the generic one when the op has none for it), each
+    32-bit PC-relative field at pos holding target - s - pos; a branch site's jump
+    e9 + (the record's target - s - 5). A string: a field that cannot reach."""
+    out = []
+    copies = seed.copies
+    wrap = seed.bits == 32
+    n_op = seed.n_op_sites
+    for i, (s, op) in enumerate(zip(seed.site_addrs, seed.site_ops, strict=True)):
+        k = per_op[op] if (op, per_op[op]) in copies else layout.GENERIC
+        c = copies[(op, k)]
+        if c.per_site:
+            g, y = seed.branch_gy[i - n_op]
+            fields: tuple[tuple[int, int], ...] = ((1, (g if k == 0 else y) - 4),)
+        else:
+            fields = c.pcrel
+            if not fields:
+                out.append(c.code)
+                continue
+        code = bytearray(c.code)
+        for pos, target in fields:
+            d = target - s - pos
+            if wrap:
+                d &= 0xFFFFFFFF
+            elif not -(1 << 31) <= d < 1 << 31:
+                return (f"site {s:#x} ({seed.ops[op]}): the field at +{pos} of alternative "
+                        f"{k} cannot reach {target:#x}")
+            code[pos:pos + 4] = (d & 0xFFFFFFFF).to_bytes(4, "little")
+        out.append(bytes(code))
+    return out
+
+
+def expected_state(seed: Seed, sel: selection.Selection) -> bytes:
+    """The state record after patching the seed: the target, patched = 1, and per op
+    the alternative its sites got (the request for an op without sites)."""
+    state = list(sel.per_op)
+    for op in set(seed.site_ops):
+        state[op] = state[op] if (op, state[op]) in seed.copies else layout.GENERIC
+    return bytes((sel.target, 1, 0, 0)) + bytes(state)
+
+
 @dataclass
 class SeedTruth:
     """What the unmutated seed's own tables say `patch` may touch."""
 
     path: str  # the seed image, written once
-    owned: bytearray  # owned_bytes() of the seed
-    sites: list[tuple[int, int, int, str]]  # (vaddr, file offset, length, op) per record
+    owned: bytearray  # 1 at every byte the seed's tables own
+    sites: list[tuple[int, int]]  # (file offset, length) per site
+    starts: list[int]  # the sites as sorted spans of addresses
+    ends: list[int]
+    slots: list[tuple[int, int]]  # (file offset, size) of the relocation slots of the sites
+    state_off: int  # file offset of the state record
+
+
+@dataclass
+class Expect:
+    """The right output of patching the seed with one selection."""
+
+    sites: list[bytes]  # per site, what FORMAT.md says it holds
+    state: bytes  # the state record
+    ref: bytes  # the output of patching the seed (for the relocation slots)
+    problem: str = ""  # how patching the seed itself disagrees with `sites` / `state`
 
 
 class Oracle:
@@ -852,24 +1316,33 @@ class Oracle:
     seed it came from.
 
     (a) Compared with the mutated input, the output may differ only at bytes the
-        *seed's* tables own (`owned_bytes` of the seed): its sites, its state record,
-        its link-time relocation sections. A mutation elsewhere is in the input too,
-        so it is no difference; a mutated record that moves a site (or a body over
+        *seed's* tables own: its sites, its state record, the relocation slots whose
+        r_offset lies in a seed site (in the seed, or in the mutant's relocation
+        sections where the seed has them). A mutation elsewhere is in the input too,
+        so it is no difference; a mutated record that moves a site (or a copy over
         code) makes `patch` write where the real tables have no site.
-    (b) At the seed's sites the output must hold exactly what patching the seed
-        with the same selection writes (computed once per seed and selection). A
-        mutated body, length, flag or op that `patch` accepts shows up here; a
-        selection the seed refuses but the mutant accepts also counts.
+    (b) Each seed site must hold exactly the bytes format 3 says the selection puts
+        there, computed from the seed's stored copies, field list and recorded
+        targets (`expected_sites`), and the state record what the selection records
+        (`expected_state`). A selection the seed refuses (an unknown name, a field
+        that cannot reach, a relocation it cannot keep right) but the mutant accepts
+        also counts.
+    (c) Patching the seed itself must give those same bytes (a check of the oracle
+        and of linkfix on valid input alike).
+    (d) When the mutation left the ELF and section headers and the relocation
+        sections alone, the relocation slots of the seed's sites must hold what
+        patching the seed writes there.
 
-    Mutations of bytes `patch` never reads change neither, so they are not counted.
+    Mutations of bytes `patch` never reads change none of these, so they are not
+    counted.
     """
 
     def __init__(self, seeds: list[Seed], work: str) -> None:
         self.seeds = {s.name: s for s in seeds}
         self.dir = tempfile.mkdtemp(prefix="ref-", dir=work)
         self._truth: dict[str, SeedTruth] = {}
-        # (seed, selection) -> (reference output or None, why there is none)
-        self._ref: dict[tuple, tuple[bytes | None, str]] = {}
+        # (seed, selection) -> the right output, or why the seed refuses the selection
+        self._expect: dict[tuple, Expect | str] = {}
         self.last_ref: bytes | None = None  # reference of the last silent_wrong verdict
 
     def close(self) -> None:
@@ -881,20 +1354,26 @@ class Oracle:
             path = os.path.join(self.dir, f"seed{len(self._truth)}")
             with open(path, "wb") as f:
                 f.write(seed.data)
-            img = image.Image(path, seed.data)
-            t = tables.load(img)
-            chk = tables.check_records(t)
+            owned = bytearray(len(seed.data))
             sites = []
-            for i, s in enumerate(chk.site_addrs):
-                n = t.shape(i).site_len
-                off = img.offset_of(s, n)
-                assert off is not None, (seed.name, i)
-                sites.append((s, off, n, t.op_name(t.shape(i).op)))
-            got = self._truth[seed.name] = SeedTruth(path, owned_bytes(img, t, chk), sites)
+            for s, n in zip(seed.site_addrs, seed.site_lens, strict=True):
+                off = seed.offset(s)
+                assert off is not None, (seed.name, s)
+                owned[off:off + n] = b"\1" * n
+                sites.append((off, n))
+            state_off = seed.meta_off + layout.STATE_OFFSET
+            n_state = 4 + len(seed.ops)
+            owned[state_off:state_off + n_state] = b"\1" * n_state
+            starts, ends = _spans(seed.site_addrs, seed.site_lens)
+            slots = slots_in_sites(seed.data, seed.static_relocs, seed.bits, starts, ends)
+            for off, size in slots:
+                owned[off:off + size] = b"\1" * size
+            got = self._truth[seed.name] = SeedTruth(path, owned, sites, starts, ends, slots,
+                                                     state_off)
         return got
 
     @staticmethod
-    def selection(argv: list[str]) -> list[str]:
+    def selection_args(argv: list[str]) -> list[str]:
         """The selection options of a patch command line (no image, output or -q)."""
         sel, i = [], 2
         while i < len(argv):
@@ -908,9 +1387,9 @@ class Oracle:
                 i += 1  # --in-place, -q
         return sel
 
-    def reference(self, seed: Seed, argv: list[str], timeout: float
-                  ) -> tuple[bytes | None, str]:
-        sel = self.selection(argv)
+    def expected(self, seed: Seed, argv: list[str], timeout: float) -> Expect | str:
+        """The right output for this selection, or why the seed refuses it."""
+        sel = self.selection_args(argv)
         key: list[object] = [seed.name]
         for j, a in enumerate(sel):
             if j and sel[j - 1] == "--policy":
@@ -918,20 +1397,62 @@ class Oracle:
                     key.append(f.read())
             else:
                 key.append(a)
-        got = self._ref.get(tuple(key))
+        got = self._expect.get(tuple(key))
         if got is None:
-            out = os.path.join(self.dir, "ref.out")
-            if os.path.exists(out):
-                os.unlink(out)
-            rc, _o, err = run_main(["patch", self.truth(seed).path, "-o", out, *sel, "-q"],
-                                   timeout)
+            got = self._expect[tuple(key)] = self._derive(seed, sel, timeout)
+        return got
+
+    def _derive(self, seed: Seed, sel_args: list[str], timeout: float) -> Expect | str:
+        target, op_args, policy = None, [], None
+        for a, v in zip(sel_args[::2], sel_args[1::2], strict=True):
+            if a == "--target":
+                target = v
+            elif a == "--op":
+                op_args.append(v)
+            else:
+                policy = v
+        out = os.path.join(self.dir, "ref.out")
+        if os.path.exists(out):
+            os.unlink(out)
+        rc, _o, err = run_main(["patch", self.truth(seed).path, "-o", out, *sel_args, "-q"],
+                               timeout)
+        try:
+            sel = selection.resolve(seed.meta, target, op_args, policy, "seed")
+        except BadInput as exc:
             if rc == 0:
                 with open(out, "rb") as f:
-                    got = (f.read(), "")
-            else:
-                got = (None, f"exit {rc}: {err.strip()[:160]}")
-            self._ref[tuple(key)] = got
-        return got
+                    ref = f.read()
+                return Expect([], b"", ref, f"patching the seed succeeds, but the selection "
+                                            f"is not one: {exc}")
+            return f"{exc}"
+        if rc != 0:
+            return f"exit {rc}: {err.strip()[:160]}"
+        with open(out, "rb") as f:
+            ref = f.read()
+        sites = expected_sites(seed, sel.per_op)
+        if isinstance(sites, str):
+            return Expect([], b"", ref, f"patching the seed succeeds where {sites}")
+        state = expected_state(seed, sel)
+        ex = Expect(sites, state, ref)
+        truth = self.truth(seed)
+        for i, (off, n) in enumerate(truth.sites):
+            if ref[off:off + n] != sites[i]:
+                ex.problem = (f"patching the seed writes {ref[off:off + n].hex()} at site[{i}] "
+                              f"{seed.site_addrs[i]:#x} ({seed.ops[seed.site_ops[i]]}) where "
+                              f"the format says {sites[i].hex()}")
+                return ex
+        st = truth.state_off
+        if ref[st:st + len(state)] != state:
+            ex.problem = (f"patching the seed writes the state record "
+                          f"{ref[st:st + len(state)].hex()} where the selection is "
+                          f"{state.hex()}")
+        return ex
+
+    def _relocs_intact(self, seed: Seed, data: bytes) -> bool:
+        """Did the mutation leave alone everything the relocation slots depend on?"""
+        keep = [seed.regions["ehdr"], seed.regions["shdrs"],
+                *((off, size) for off, size, _rela in seed.static_relocs)]
+        return all(data[off:off + size] == seed.data[off:off + size] for off, size in keep)
 
     def silent_wrong(self, case: Case, data: bytes, output: bytes, timeout: float) -> str:
         """Why this successful patch's output is wrong by the seed (empty if it is not)."""
@@ -940,21 +1461,39 @@ class Oracle:
             return ""
         truth = self.truth(seed)
         self.last_ref = None
-        j = first_outside(data, output, truth.owned)
+        extra: list[tuple[int, int]] = []
+        if seed.static_relocs and not self._relocs_intact(seed, data):
+            extra = slots_in_sites(data, seed.static_relocs, seed.bits, truth.starts,
+                                   truth.ends)
+        j = first_outside(data, output, truth.owned, extra)
         if j is not None:
             vaddr = [v + j - o for v, o, n in seed.vaddr_to_off if o <= j < o + n]
             return (f"(a) byte at file offset {j:#x}"
                     + (f" (vaddr {vaddr[0]:#x})" if vaddr else "")
                     + f" changed outside the seed's sites: {data[j]:#04x} -> {output[j]:#04x}")
-        ref, why = self.reference(seed, case.argv, timeout)
-        if ref is None:
-            return f"(b) the unmutated seed refuses this selection ({why}); the mutant was patched"
-        self.last_ref = ref
-        for i, (s, off, n, op) in enumerate(truth.sites):
-            if output[off:off + n] != ref[off:off + n]:
+        ex = self.expected(seed, case.argv, timeout)
+        if isinstance(ex, str):
+            return f"(b) the unmutated seed refuses this selection ({ex}); the mutant was patched"
+        self.last_ref = ex.ref
+        if ex.problem:
+            return f"(c) {ex.problem}"
+        for i, (off, n) in enumerate(truth.sites):
+            if output[off:off + n] != ex.sites[i]:
+                s, op = seed.site_addrs[i], seed.ops[seed.site_ops[i]]
                 return (f"(b) site[{i}] {s:#x} ({op}, {n} bytes): "
-                        f"{output[off:off + n].hex()} instead of {ref[off:off + n].hex()} "
+                        f"{output[off:off + n].hex()} instead of {ex.sites[i].hex()} "
                         f"(input {data[off:off + n].hex()})")
+        st = truth.state_off
+        got = output[st:st + len(ex.state)]
+        if got != ex.state:
+            return (f"(b) state record {got.hex()} instead of {ex.state.hex()} "
+                    f"(input {data[st:st + len(ex.state)].hex()})")
+        if truth.slots and self._relocs_intact(seed, data):
+            for off, size in truth.slots:
+                if output[off:off + size] != ex.ref[off:off + size]:
+                    return (f"(d) relocation slot at file offset {off:#x}: "
+                            f"{output[off:off + size].hex()} instead of "
+                            f"{ex.ref[off:off + size].hex()} (input {data[off:off + size].hex()})")
         self.last_ref = None
         return ""
 
@@ -1096,48 +1635,82 @@ SCALE_SITES = 100_000
 
 # Whole-table corruptions of a large image: every record changed, differently. They
 # look for work that grows faster than the table (a search per record, a decode per
-# distinct body without a cache) rather than for a wrong answer.
-SCALE_MUTATIONS = ("op", "site_len", "flags", "body", "site_shift", "reverse", "repl_bytes",
-                   "kind", "len")
+# record without a cache) rather than for a wrong answer; "reverse" is valid (records
+# out of address order) and its output is judged like any other.
+SCALE_MUTATIONS = ("op", "site_len", "site_shift", "reverse", "branch_targets", "site_bytes",
+                   "kind", "branch_op", "branch_site", "entries", "repl_bytes")
 
 
 def scale_mutate(rng: random.Random, seed: Seed, what: str) -> bytes:
     data = bytearray(seed.data)
-    rs, base, n = seed.rec_size, seed.sites_off, seed.n_sites
-    n_alts = len(seed.backends) + 1
+    rs, base, n = layout.SITE_REC_SIZE, seed.sites_off, seed.n_op_sites
+    brs, bbase, nb = layout.BRANCH_REC_SIZE, seed.branches_off, seed.n_branch_sites
+    n_ops = len(seed.ops)
     for i in range(n):
         rec = base + i * rs
-        k = rng.randrange(n_alts)
         if what == "op":
-            struct.pack_into("<H", data, rec + 4, 100 + i % 60000)
+            struct.pack_into("<H", data, rec + 4, rng.choice(
+                [rng.randrange(seed.n_real), rng.randrange(n_ops + 3), 100 + i % 60000]))
         elif what == "site_len":
             data[rec + 6] = rng.randrange(256)
         elif what == "kind":
-            data[rec + 7] = rng.randrange(2, 256)
-        elif what == "flags":
-            data[rec + 8 + 8 * k + 5] = rng.randrange(256)
-        elif what == "len":
-            data[rec + 8 + 8 * k + 4] = rng.randrange(256)
-        elif what == "body":
-            struct.pack_into("<i", data, rec + 8 + 8 * k, rng.randrange(-2**31, 2**31))
+            data[rec + 7] = rng.randrange(1, 256)
         elif what == "site_shift" and i % 2:
             v = struct.unpack_from("<i", data, rec)[0]
             struct.pack_into("<i", data, rec, v - rng.randrange(1, 4))
-    if what == "reverse":  # valid records in reverse address order
-        recs = [bytearray(data[base + i * rs:base + (i + 1) * rs]) for i in range(n)]
-        recs.reverse()
-        for i, r in enumerate(recs):
-            j = n - 1 - i  # record r was at index j
-            for f in range(0, 8 * (n_alts + 1), 8):
-                v = struct.unpack_from("<i", r, f)[0]
-                if v:
-                    struct.pack_into("<i", r, f, v + (j - i) * rs)
-            data[base + i * rs:base + (i + 1) * rs] = r
-    if what == "repl_bytes":  # every body different: no two copies share a skeleton
+        elif what == "site_bytes":
+            off = seed.offset(seed.site_addrs[i])
+            assert off is not None
+            data[off + rng.randrange(seed.site_lens[i])] ^= 1 << rng.randrange(8)
+    for i in range(nb):
+        rec = bbase + i * brs
+        rv = seed.branches_vaddr + i * brs
+        s = seed.site_addrs[n + i]
+        if what == "branch_targets":
+            for f in (4, 8):
+                t = rng.choice([rng.getrandbits(32), s + rng.randrange(1, 5),
+                                rng.choice(seed.site_addrs) + rng.randrange(6)])
+                struct.pack_into("<i", data, rec + f, _signed((t - rv - f) & 0xFFFFFFFF, 32))
+        elif what == "branch_op":
+            struct.pack_into("<H", data, rec + 12, rng.randrange(n_ops + 3))
+        elif what == "branch_site":
+            t = rng.choice(seed.site_addrs[:n] or [0]) + rng.randrange(4)
+            struct.pack_into("<i", data, rec, _signed((t - rv) & 0xFFFFFFFF, 32))
+        elif what == "site_bytes":
+            off = seed.offset(s)
+            assert off is not None
+            data[off + rng.randrange(5)] ^= 1 << rng.randrange(8)
+    if what == "reverse":  # valid records in reverse address order, both tables
+        for tbase, size, count, rel in ((base, rs, n, (0,)), (bbase, brs, nb, (0, 4, 8))):
+            recs = [bytearray(data[tbase + i * size:tbase + (i + 1) * size])
+                    for i in range(count)]
+            recs.reverse()
+            for i, r in enumerate(recs):
+                j = count - 1 - i  # record r was at index j
+                for f in rel:
+                    v = struct.unpack_from("<i", r, f)[0]
+                    struct.pack_into("<i", r, f, v + (j - i) * size)
+                data[tbase + i * size:tbase + (i + 1) * size] = r
+    if what == "entries":  # every entry of the body table changed in one field
+        for e in seed.entries.values():
+            f = rng.choice([4, 8, 9, 10, 12])
+            data[e.at + f] ^= 1 << rng.randrange(8)
+    if what == "repl_bytes":  # every stored copy different
         off, size = seed.regions["repl"]
         for j in range(off, off + size, 3):
             data[j] = rng.randrange(256)
     return bytes(data)
+
+
+def scale_command(rng: random.Random, seed: Seed, path: str, out: str) -> Case:
+    """A valid command line: the scale cases are about reading the tables, not about
+    the selection options."""
+    target = rng.choice([*seed.backends, "generic"])
+    argv = rng.choice([["patch", path, "-o", out, "--target", target, "-q"],
+                       ["patch", path, "-o", out, "--target", target, "-q"],
+                       ["verify", path, "-q"], ["verify", path, "-q", "--target", target],
+                       ["inspect", path], ["inspect", path, "--json"]])
+    return Case(0, seed.name, "", argv)
 
 
 def fuzz_scale(seed_val: int, cases: int, timeout: float, work: str) -> Result:
@@ -1165,14 +1738,8 @@ def fuzz_scale(seed_val: int, cases: int, timeout: float, work: str) -> Result:
                 os.unlink(outpath)
             with open(path, "wb") as f:
                 f.write(data)
-            case = choose_command(rng, seed, path, outpath)
+            case = scale_command(rng, seed, path, outpath)
             case.ident, case.mutation = ident, f"every record: {what}"
-            if case.in_place:  # keep the scale cases about reading, not rewriting
-                case.argv = ["verify", path, "-q"]
-                case.in_place = False
-            if case.preexisting:
-                with open(outpath, "wb") as f:
-                    f.write(b"previous")
             t0 = time.perf_counter()
             rc, out, err = run_main(case.argv, timeout)
             seconds = time.perf_counter() - t0
@@ -1231,9 +1798,12 @@ def summary(res: Result, sub: Result | None, scale: Result | None, args: argpars
                      + f" | {res.counts[outcome]} |")
     lines += ["", "silent_wrong: `patch` exited 0 but its output is wrong by the unmutated "
                   "seed image: a byte differs from the input outside the seed's sites, state "
-                  "record and link-time relocation sections, or the seed's sites hold other "
-                  "bytes than patching the seed with the same selection gives (or the seed "
-                  "refuses that selection)."]
+                  "record and the relocation slots of its sites; or a seed site does not hold "
+                  "what format 3 says the selection puts there (the op's stored copy, each "
+                  "PC-relative field re-aimed from the site; a branch site's jump to its "
+                  "record's target), or the state record differs (or the seed refuses that "
+                  "selection); or patching the seed itself disagrees; or a relocation slot "
+                  "of a site differs from patching the seed."]
     if sub is not None:
         lines += ["", f"Subprocess (`python -m linkfix`, the same generator, cases "
                       f"{args.cases}..{args.cases + args.subprocess - 1}): "
