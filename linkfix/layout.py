@@ -31,12 +31,18 @@ META_FIXED = struct.Struct("<8sHHHHHHIBBH")
 META_STATE_OFFSET = META_FIXED.size  # 28
 assert META_STATE_OFFSET == 28
 
-SITE = struct.Struct("<iHBB")  # op site: site, op, site_len, kind
+SITE = struct.Struct("<iHBB")  # op site: site, op, site_len, check (op_check(op))
 SITE_REC_SIZE = SITE.size  # 8
 # site, generic target, "true" target, op, the backend it tests (1-based), kind
 BRANCH = struct.Struct("<iiiHBB")
 BRANCH_REC_SIZE = BRANCH.size  # 16
 BODY = struct.Struct("<iIBBBBHH")  # copy, crc, len, flags, n_fields, 0, first field, 0
+
+
+def op_check(op: int) -> int:
+    """The last byte of an op site record: the op's low byte inverted. It repeats
+    the op, so a record whose op alone changed is refused, not followed."""
+    return ~op & 0xFF
 
 
 def site_rec_size(n_backends: int = 0) -> int:

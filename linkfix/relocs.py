@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 
 from linkfix.errors import BadInput
-from linkfix.image import EM_X86_64, RelocTable
+from linkfix.image import EM_X86_64, ET_DYN, RelocTable
 from linkfix.splice import Splicer
 from linkfix.tables import Tables, site_error
 
@@ -67,7 +67,8 @@ def update(sp: Splicer, eff: dict[int, int], out: bytearray,
     img = t.image
     dyn = img.dynamic_reloc_offsets
     statics = img.static_relocs
-    if not dyn and not statics:
+    pie = img.etype == ET_DYN
+    if not dyn and not statics and not pie:
         return 0
     site_tables, repl_table = _static_tables(sp, statics)
     chk = sp.chk
@@ -89,6 +90,11 @@ def update(sp: Splicer, eff: dict[int, int], out: bytearray,
             _refuse_dynamic(t, s, op, dyn, s, L, "the site")
             if bl:
                 _refuse_dynamic(t, s, op, dyn, b, bl, f"the {t.alt_name(k)} copy")
+        if pie and changed and any(not link.pcrel for link in t.meta.alt(op, k).digest.links):
+            # Whatever relocates the copy at load time, nothing would relocate the site.
+            raise site_error(t, s, op, f"alternative {t.alt_name(k)} has an absolute field, "
+                                       "which a position-independent image cannot hold at "
+                                       "a site")
         if not statics:
             continue
         sec = img.section_at(s)

@@ -55,7 +55,7 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
               "\t.balign 4",
               f"\t.long {s} - .",
               f"\t.short {m.op.index}",
-              f"\t.byte {m.site_len}, {layout.KIND_OP}",
+              f"\t.byte {m.site_len}, {layout.op_check(m.op.index)}",  # the op, repeated
               "\t.popsection"]
     del esc  # no body text in a site any more: nothing to escape
     return lines

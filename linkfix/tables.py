@@ -269,7 +269,7 @@ def check_records(t: Tables) -> Checked:
     chk.site_addrs = op_sites + br_sites
     chk.site_ops = _Concat(op_ops, br_ops)
     chk.exec_seg = _check_site_ranges(t, op_sites, op_lens, op_ops, br_sites, br_ops)
-    _check_branch_targets(t, chk, br_sites, br_ops, gens, yeses)
+    _check_branch_targets(t, chk, br_sites, br_ops, gens, yeses, op_sites, op_lens)
     chk.groups = _group(op_sites, op_ops)
     for op, (s_, g_, y_) in _group_branches(br_sites, br_ops, gens, yeses).items():
         chk.branch_groups[op] = (s_, g_, y_)
@@ -283,6 +283,9 @@ def _op_column(mv: memoryview, at: int, stride: int, n: int) -> bytes | list[int
         return lo
     return list(mv[at:].cast("H")[::stride // 2]) if at % 2 == 0 else \
         [a | b << 8 for a, b in zip(lo, hi, strict=True)]
+
+
+_OP_CHECK = bytes(layout.op_check(x) for x in range(256))
 
 
 def _op_records(t: Tables, chk: Checked) -> tuple[list[int], bytes | list[int], bytes]:
@@ -301,8 +304,13 @@ def _op_records(t: Tables, chk: Checked) -> tuple[list[int], bytes | list[int], 
     bad = None
     if n and max(ops) >= n_real:
         bad = next(j for j, op in enumerate(ops) if op >= n_real)
-    elif kinds.count(0) != n:
-        bad = next(j for j, k in enumerate(kinds) if k)
+    elif isinstance(ops, bytes) and kinds != ops.translate(_OP_CHECK):
+        bad = next(j for j, (op, k) in enumerate(zip(ops, kinds, strict=True))
+                   if k != layout.op_check(op))
+    elif not isinstance(ops, bytes) and any(k != layout.op_check(op)
+                                            for op, k in zip(ops, kinds, strict=True)):
+        bad = next(j for j, (op, k) in enumerate(zip(ops, kinds, strict=True))
+                   if k != layout.op_check(op))
     elif isinstance(ops, bytes) and lens != ops.translate(want + bytes(256 - n_real)):
         bad = next(j for j, (op, ln) in enumerate(zip(ops, lens, strict=True))
                    if ln != want[op])
@@ -315,8 +323,9 @@ def _op_records(t: Tables, chk: Checked) -> tuple[list[int], bytes | list[int], 
         if op >= n_real:
             msg = f"op index {op} is not an op (n_real_ops {n_real})" if op >= len(
                 t.meta.ops) else f"op {t.op_name(op)} is a branch op in an op site record"
-        elif kind:
-            msg = f"site kind {kind} in {layout.SITES_SECTION} (must be {layout.KIND_OP})"
+        elif kind != layout.op_check(op):
+            msg = f"check byte {kind:#04x} does not repeat the op (expected " \
+                  f"{layout.op_check(op):#04x}): the record is corrupt"
         else:
             msg = f"site_len {ln} where the op's copies are {want[op]} bytes"
         raise site_error(t, addrs[bad], op, msg)
@@ -389,8 +398,9 @@ def _group_branches(sites: list[int], ops: bytes | list[int], gens: list[int],
     return out
 
 
-def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: list[int],
-                          gens: list[int], yeses: list[int]) -> None:
+def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: bytes | list[int],
+                          gens: list[int], yeses: list[int], op_sites: list[int],
+                          op_lens: bytes) -> None:
     """A branch site's jumps lead into executable code, never into the site itself."""
     if not sites:
         return
@@ -404,10 +414,29 @@ def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: list[i
             if img.load_for(x, 1, executable=True) is None:
                 raise site_error(t, s, op, f"jumps to {x:#x}, outside the executable segments")
     inside = [j for j, (s, g, y) in enumerate(zip(sites, gens, yeses, strict=True))
-              if s < g < s + 5 or s < y < s + 5]
+              if s <= g < s + 5 or s <= y < s + 5]
     if inside:
         j = inside[0]
-        raise site_error(t, sites[j], ops[j], "jumps into the middle of its own site")
+        raise site_error(t, sites[j], ops[j], "jumps into its own site")
+    # Nor into the middle of another site (its first byte is fine: a branch may start
+    # with a site): every patch rewrites the bytes there.
+    for starts, lens in ((op_sites, op_lens), (sites, bytes([5]) * len(sites))):
+        if not _sorted_disjoint(starts, lens):
+            pairs = sorted(zip(starts, lens, strict=True))
+            starts, lens = [a for a, _n in pairs], bytes(n for _a, n in pairs)
+        before = [-(1 << 64), *starts]
+        ends = b"\0" + bytes(lens)
+        for targets in (gens, yeses):
+            at = list(map(bisect.bisect_right, repeat(starts), targets))
+            lo = list(map(before.__getitem__, at))
+            hit = map(operator.and_, map(operator.lt, lo, targets),
+                      map(operator.lt, targets, map(operator.add, lo,
+                                                    map(ends.__getitem__, at))))
+            if any(hit):
+                j = next(j for j, (x, p) in enumerate(zip(targets, at, strict=True))
+                         if before[p] < x < before[p] + ends[p])
+                raise site_error(t, sites[j], ops[j], f"jumps to {targets[j]:#x}, inside "
+                                                      f"the site at {before[at[j]]:#x}")
 
 
 class _Concat:

@@ -344,7 +344,7 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
         if o < n_real:
             rec_addr = sites_addr + n_op * layout.SITE_REC_SIZE
             layout.SITE.pack_into(sites_blob, n_op * layout.SITE_REC_SIZE, at - rec_addr, o, L,
-                                  layout.KIND_OP)
+                                  layout.op_check(o))
             n_op += 1
             kinds = ["generic"] + [ops[o].bodies.get(b) for b in backends]
             for k, kind in enumerate(kinds):
@@ -597,7 +597,7 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
             if L > generic_len:
                 lines.append("  .byte " + ", ".join(str(x) for x in nop_fill(L - generic_len)))
             lines += ['.pushsection .linkfix.sites,"a"', ".balign 4", "  .long 661b - .",
-                      f"  .short {o}", f"  .byte {L}, 0", ".popsection"]
+                      f"  .short {o}", f"  .byte {L}, {layout.op_check(o)}", ".popsection"]
         else:
             b = o - n_real + 1
             # Always the rel32 form (as would relax a near jmp to rel8).

@@ -9,7 +9,6 @@ and boot-time selection run correctly in a user-space program.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from linkfix import layout, measure, opmodel, sitetext
+from linkfix import layout, measure, sitetext
 from linkfix.arch import I386, X86_64
 from linkfix.genstubs import generate
 from linkfix.padding import pad
@@ -272,9 +271,9 @@ def test_records_match_sites(stubs, tmp_path: Path) -> None:
         assert len(data) == (n_c + n_s) * 8
         seen_ops: dict[str, int] = {}
         for i in range(0, len(data), 8):
-            rel, op_index, site_len, kind = struct.unpack_from("<iHBB", data, i)
+            rel, op_index, site_len, check = struct.unpack_from("<iHBB", data, i)
             site = base + i + rel
-            assert kind == layout.KIND_OP
+            assert check == ~op_index & 0xFF  # the op, repeated
             op = ops[op_index]
             seen_ops[op["name"]] = seen_ops.get(op["name"], 0) + 1
             assert site_len == op["site_size"]
@@ -713,7 +712,7 @@ def test_random_specs_render_deterministically(text: str, tmp_path: Path) -> Non
     for m, op in zip(models, manifest["ops"], strict=True):
         budget = max(5, m.measured["native"].length if "native" in m.measured else 0)
         inline = [m.measured[b].length for b in m.bodies if m.measured[b].length <= budget]
-        assert m.site_len == max(5, *inline) == op["site_size"]
+        assert m.site_len == max([5, *inline]) == op["site_size"]
         assert all(len(a.code) == m.site_len for a in m.alts if a.present)
         assert len(m.pad) == m.site_len - 5
         # the site's assembly carries exactly that padding

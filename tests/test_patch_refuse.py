@@ -228,9 +228,14 @@ def test_copy_outside_is_refused_even_when_not_selected(tmp_path: Path) -> None:
     (4, ("<H", 0x100), "op#256", "op index 256 is not an op (n_real_ops 3)"),
     (4, ("<H", 3), "backend_is(native)",
      "op backend_is(native) is a branch op in an op site record"),
-    (4, ("<H", 1), "irq_enable", "site_len 10 where the op's copies are 5 bytes"),
-    (7, ("<B", 1), "irq_disable", "site kind 1 in .linkfix.sites (must be 0)"),
-    (7, ("<B", 7), "irq_disable", "site kind 7 in .linkfix.sites (must be 0)"),
+    # the op changed alone: its repeat in the last byte no longer agrees
+    (4, ("<H", 1), "irq_enable", "check byte 0xff does not repeat the op (expected 0xfe): "
+     "the record is corrupt"),
+    (7, ("<B", 1), "irq_disable", "check byte 0x01 does not repeat the op (expected 0xff): "
+     "the record is corrupt"),
+    (7, ("<B", 0xfe), "irq_disable", "check byte 0xfe does not repeat the op (expected "
+     "0xff): the record is corrupt"),
+    (6, ("<B", 5), "irq_disable", "site_len 5 where the op's copies are 10 bytes"),
 ])
 def test_bad_site_record_fields(tmp_path: Path, field: int, value: tuple[str, int], op: str,
                                 message: str) -> None:
@@ -435,7 +440,28 @@ def test_branch_jumps_into_its_own_site(tmp_path: Path) -> None:
     im.put(im.brec(2) + 8, "<i", s + 2 - (im.brec_vaddr(2) + 8))
     out = tmp_path / "out"
     refused(patch(im.write(), out), out,
-            site_re(im, 8, "backend_is(lguest)") + "jumps into the middle of its own site")
+            site_re(im, 8, "backend_is(lguest)") + "jumps into its own site")
+
+
+@pytest.mark.parametrize("delta", [0, 1, 4])
+def test_branch_jumps_to_its_own_start_or_into_another_site(tmp_path: Path, delta: int) -> None:
+    """A jump to its own first byte loops forever; one into the middle of another site
+    lands in bytes every patch rewrites."""
+    im = branch_image(tmp_path)
+    own = im.synth.sites[8].addr
+    im.put(im.brec(2) + 8, "<i", own - (im.brec_vaddr(2) + 8))
+    out = tmp_path / "out"
+    refused(patch(im.write(), out), out,
+            site_re(im, 8, "backend_is(lguest)") + "jumps into its own site")
+    im = branch_image(tmp_path)
+    other = im.synth.sites[1]
+    target = other.addr + delta
+    im.put(im.brec(2) + 8, "<i", target - (im.brec_vaddr(2) + 8))
+    if delta == 0:  # a true branch may begin with a site
+        assert patch(im.write(), out).returncode == 0
+        return
+    refused(patch(im.write(), out), out, site_re(im, 8, "backend_is(lguest)")
+            + re.escape(f"jumps to {target:#x}, inside the site at {other.addr:#x}"))
 
 
 def test_branch_site_placement(tmp_path: Path) -> None:
