@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 
 from common import BUILD, LOG, PYTHON, ROOT, BenchError, ensure_dir, linkfix_cmd, median
 
-from linkfix.gencache import cache_path
+if ROOT not in sys.path:
+    sys.path.insert(1, ROOT)  # the linkfix package, from the checkout (as bench/run.py does)
+
+from linkfix.gencache import cache_path  # noqa: E402
 
 SIZES = (10, 100, 1000)
 BASE_SPEC = os.path.join(ROOT, "tests", "specs", "x86_64.toml")
@@ -58,13 +61,14 @@ class SizeResult:
     first: Timing = field(default_factory=Timing)
     nocache: Timing = field(default_factory=Timing)
     rerun: Timing = field(default_factory=Timing)
+    # measured in the same rounds as this size's re-runs (a busy machine varies)
+    python_start: Timing = field(default_factory=Timing)
+    import_cli: Timing = field(default_factory=Timing)
 
 
 @dataclass
 class RerunResult:
     sizes: list[SizeResult] = field(default_factory=list)
-    python_start: Timing = field(default_factory=Timing)
-    import_cli: Timing = field(default_factory=Timing)
     reps_fast: int = 0
     reps_slow: int = 0
     notes: list[str] = field(default_factory=list)
@@ -137,6 +141,10 @@ def _fresh(out: str) -> None:
 
 def measure(quick: bool) -> RerunResult:
     res = RerunResult(reps_fast=5 if quick else 15, reps_slow=1 if quick else 3)
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cpus:
+        res.notes.append(f"The machine was busy (load average {load:.1f} on {cpus} CPUs when "
+                         "the run began): the figures are noisy.")
     work = ensure_dir(os.path.join(BUILD, "genstubs_rerun"))
     env = _env()
     start = [PYTHON, "-c", "pass"]
@@ -158,8 +166,8 @@ def measure(quick: bool) -> RerunResult:
                 r.first.seconds.append(_timed(gen, env, first))
                 r.nocache.seconds.append(_timed([*gen, "--no-cache"], env, first))
             r.rerun.seconds.append(_timed(gen, env, first))
-            res.python_start.seconds.append(_timed(start, env, first and n == SIZES[0]))
-            res.import_cli.seconds.append(_timed(imp, env, first and n == SIZES[0]))
+            r.python_start.seconds.append(_timed(start, env, first and n == SIZES[0]))
+            r.import_cli.seconds.append(_timed(imp, env, first and n == SIZES[0]))
         res.sizes.append(r)
     return res
 
@@ -173,28 +181,30 @@ def _ms(x: float | None) -> str:
 
 def markdown(res: RerunResult) -> list[str]:
     """A table of the figures, and how close an unchanged re-run comes to a Python start."""
-    py, cli = res.python_start.median, res.import_cli.median
     out = ["| ops | bodies | first run (ms) | re-run, --no-cache (ms) | re-run (ms) | "
            "python -c pass (ms) | import linkfix.cli (ms) | re-run / start-up |",
            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in res.sizes:
+        py = s.python_start.median
         ratio = f"{s.rerun.median / py:.1f}x" if s.rerun.median and py else "-"
         out.append(f"| {s.ops:,} | {s.bodies:,} | {_ms(s.first.median)} | "
                    f"{_ms(s.nocache.median)} | {_ms(s.rerun.median)} | {_ms(py)} | "
-                   f"{_ms(cli)} | {ratio} |")
+                   f"{_ms(s.import_cli.median)} | {ratio} |")
     out.append("")
     big = res.sizes[-1] if res.sizes else None
+    py = big.python_start.median if big else None
+    cli = big.import_cli.median if big else None
     if big and big.rerun.median and py and cli:
         speedup = (f", {big.nocache.median / big.rerun.median:.0f}x faster than re-running "
                    "without the cache" if big.nocache.median else "")
         out.append(
             f"Medians of {res.reps_fast} runs ({res.reps_slow} for the first run and "
-            f"--no-cache). An unchanged re-run of {big.ops:,} ops takes "
-            f"{big.rerun.median * 1000:.0f} ms{speedup}: {big.rerun.median / py:.1f} Python "
-            f"start-ups ({py * 1000:.0f} ms), of which importing linkfix's command line "
-            f"costs {(cli - py) * 1000:.0f} ms; the cache itself (hashing linkfix's sources "
-            f"and the outputs, asking `as --version`, reading the cache) the remaining "
-            f"{max(big.rerun.median - cli, 0) * 1000:.0f} ms.")
+            f"--no-cache), in interleaved rounds. An unchanged re-run of {big.ops:,} ops "
+            f"takes {big.rerun.median * 1000:.0f} ms{speedup}: "
+            f"{big.rerun.median / py:.1f} times a bare Python start-up "
+            f"({py * 1000:.0f} ms), and {big.rerun.median / cli:.1f} times "
+            f"`python -c 'import linkfix.cli'` ({cli * 1000:.0f} ms), the least any linkfix "
+            "command costs.")
     out += res.notes
     return out
 

@@ -5,7 +5,13 @@ a realistic mix of bodies: cli/sti, pushf/pop, %gs and RIP-relative stores,
 calls, bodies with internal and outgoing jumps, empty bodies, branch sites)
 with 10k, 100k and 1M sites. Each command runs as a subprocess, process start
 included; the time is the median of several runs, the peak memory that of the
-child (wait4's rusage).
+child (wait4's rusage, through GNU time: see `timed`).
+
+`linkfix inspect` is measured on the same images, as text and as `--jsonl`
+(stdout to /dev/null), against two targets: at most INSPECT_TIME_X times
+`linkfix patch`'s time and INSPECT_MEMORY_X times the image's size in peak
+memory. Beside it, *validate* is the floor inspect shares with patch: reading
+the image and validating its records, nothing else.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from common import BENCH, BUILD, LOG, PYTHON, ROOT, BenchError, ensure_dir, link
 
 TARGET_1M_S = 2.0
 TARGET_SPEEDUP = 10.0
+INSPECT_TIME_X = 10.0  # inspect's time / patch's, same image
+INSPECT_MEMORY_X = 3.0  # inspect's peak RSS / the image's size
+INSPECT_FORMATS = (("text", ()), ("jsonl", ("--jsonl",)))
+VALIDATE = ("import sys; from linkfix import image, tables; "
+            "tables.check_records(tables.load(image.load(sys.argv[1])))")
 NAIVE = os.path.join(BENCH, "naive_lief.py")
 NAIVE_FULL = os.path.join(BENCH, "naive_capstone.py")
 PYFLOOR = os.path.join(BENCH, "pyloop_floor.py")
@@ -49,6 +60,23 @@ class SizeResult:
     pyfloor: Timing = field(default_factory=Timing)
     naive_extrapolated: float | None = None
     verify: str = "not run"
+    # linkfix inspect, by format ("text", "jsonl"); validate: load + check_records only
+    inspect: dict[str, Timing] = field(default_factory=dict)
+    validate: Timing = field(default_factory=Timing)
+
+    def inspect_time_x(self, form: str) -> float | None:
+        """inspect's median time over patch's."""
+        t = self.inspect.get(form)
+        if t is None or t.median is None or not self.patch.median:
+            return None
+        return t.median / self.patch.median
+
+    def inspect_memory_x(self, form: str) -> float | None:
+        """inspect's peak RSS over the image's size."""
+        t = self.inspect.get(form)
+        if t is None or not t.peak_kb or not self.image_bytes:
+            return None
+        return t.peak_kb * 1024 / self.image_bytes
 
 
 @dataclass
@@ -131,6 +159,21 @@ def _repeat(t: Timing, cmd: list[str], times: int) -> None:
         t.peak_kb = max(t.peak_kb, kb)
 
 
+def _inspect(res: PostlinkResult, r: SizeResult, img: str, times: int) -> None:
+    """`linkfix inspect` as text and --jsonl (stdout to /dev/null), and the
+    validation floor it shares with patch."""
+    try:
+        _repeat(r.validate, [PYTHON, "-c", VALIDATE, img], 1)
+    except BenchError as exc:
+        res.notes.append(f"validation alone failed on {r.sites} sites: {exc}")
+    for form, extra in INSPECT_FORMATS:
+        t = r.inspect[form] = Timing()
+        try:
+            _repeat(t, linkfix_cmd("inspect", *extra, img), times)
+        except BenchError as exc:
+            res.notes.append(f"`linkfix inspect` ({form}) failed on {r.sites} sites: {exc}")
+
+
 def measure(quick: bool) -> PostlinkResult:
     res = PostlinkResult()
     sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
@@ -159,6 +202,7 @@ def measure(quick: bool) -> PostlinkResult:
                 r.verify = "ok"
             except BenchError as exc:
                 r.verify = f"failed: {exc}"
+        _inspect(res, r, img, 3 if big else reps)
         if n <= naive_cap:
             _repeat(r.naive, [PYTHON, NAIVE, img, out, "1"], 3 if big else reps)
         if n <= naive_cap:

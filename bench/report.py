@@ -8,7 +8,14 @@ import before
 import usersites
 from common import fmt, median, pct
 from machine import Machine
-from postlink import TARGET_1M_S, TARGET_SPEEDUP, PostlinkResult
+from postlink import (
+    INSPECT_FORMATS,
+    INSPECT_MEMORY_X,
+    INSPECT_TIME_X,
+    TARGET_1M_S,
+    TARGET_SPEEDUP,
+    PostlinkResult,
+)
 from prefixcost import PrefixResult
 from prefixcost import markdown as prefixcost_markdown
 from pressure import VARIANTS as PRESSURE_VARIANTS
@@ -148,6 +155,27 @@ def targets(res: Results) -> list[Target]:
                 out.append(Target(f"`linkfix patch` vs complete naive pass (lief + capstone "
                                   f"per site), {s.sites:,} sites", f">= {TARGET_SPEEDUP:.0f}x",
                                   f"{speed:.1f}x", speed >= TARGET_SPEEDUP))
+        out += _inspect_targets(pl)
+    return out
+
+
+def _inspect_targets(pl: PostlinkResult) -> list[Target]:
+    """inspect at 1,000,000 sites: time against patch's, peak memory against the image."""
+    out = []
+    big = next((s for s in pl.sizes if s.sites == 1_000_000), None)
+    for form, _argv in INSPECT_FORMATS:
+        label = "" if form == "text" else f" --{form}"
+        tx = big.inspect_time_x(form) if big is not None else None
+        t = big.inspect.get(form) if big is not None else None
+        out.append(Target(f"`linkfix inspect{label}`, 1,000,000 sites: time / `linkfix patch` "
+                          "time", f"<= {INSPECT_TIME_X:.0f}x",
+                          f"{tx:.1f}x ({t.median:.1f} s)" if tx is not None and t else "-",
+                          None if tx is None else tx <= INSPECT_TIME_X))
+        mx = big.inspect_memory_x(form) if big is not None else None
+        out.append(Target(f"`linkfix inspect{label}`, 1,000,000 sites: peak memory / image "
+                          "size", f"<= {INSPECT_MEMORY_X:.0f}x",
+                          f"{mx:.1f}x ({t.peak_kb / 1024:.0f} MB)" if mx is not None and t
+                          else "-", None if mx is None else mx <= INSPECT_MEMORY_X))
     return out
 
 
@@ -186,12 +214,33 @@ def _why(res: Results, t: Target) -> str:
     if t.what.startswith("`linkfix patch` vs naive"):
         s = next(x for x in res.postlink.sizes if f"{x.sites:,} sites" in t.what)
         return _patch_breakdown(res.postlink, s)
+    if t.what.startswith("`linkfix inspect"):
+        return _inspect_why(res.postlink, t)
     if t.what.startswith("User space"):
         return ("the difference is larger than the run-to-run noise of this loop; see "
                 "the instruction counts in part 2 for where it comes from.")
     if t.what.startswith("Ring 0"):
         return "see part 1 for the per-op counts behind it."
     return ""
+
+
+def _inspect_why(pl: PostlinkResult, t: Target) -> str:
+    big = next(s for s in pl.sizes if s.sites == 1_000_000)
+    mb = big.image_bytes / 2**20
+    parts = []
+    if big.validate.peak_kb:
+        parts.append(f"Reading the {mb:.0f} MB image and validating its records alone (which "
+                     f"inspect and patch share) peaks at {big.validate.peak_kb / 1024:.0f} MB, "
+                     f"{big.validate.peak_kb * 1024 / big.image_bytes:.1f}x the image")
+    if big.patch.peak_kb:
+        parts.append(f"`linkfix patch` peaks at {big.patch.peak_kb / 1024:.0f} MB "
+                     f"({big.patch.peak_kb * 1024 / big.image_bytes:.1f}x)")
+    text = "; ".join(parts)
+    if "memory" in t.what:
+        return (text + ". Inspect adds what splicing each alternative needs while it runs "
+                "(the splicer's per-record lists) and every listed site's bytes per "
+                "alternative (a few bytes a site), not the listing itself, which is streamed.")
+    return text + "." if text else ""
 
 
 def _patch_breakdown(pl: PostlinkResult, s) -> str:  # noqa: ANN001
@@ -458,11 +507,41 @@ def _postlink(res: Results) -> list[str]:
                 f"{slope * 1e6:.2f} us per added site (time = fixed cost + per-site cost; "
                 f"{(b.patch.median / a.patch.median):.1f}x the time for "
                 f"{b.sites / a.sites:.0f}x the sites).", ""]
+    out += _inspect_table(pl)
     if not any(s.patch.peak_kb for s in pl.sizes):
         out += ["* No peak memory: GNU time (`/usr/bin/time`, Debian package `time`) is "
                 "not installed."]
     out += [f"* {n}" for n in pl.notes]
     return out + [""]
+
+
+def _inspect_table(pl: PostlinkResult) -> list[str]:
+    """`linkfix inspect` on the same images: time against patch, memory against the image."""
+    if not any(s.inspect for s in pl.sizes):
+        return []
+    out = ["`linkfix inspect` on the same images, stdout to /dev/null: the text listing and "
+           "`--jsonl`, each against `linkfix patch`'s time (target <= "
+           f"{INSPECT_TIME_X:.0f}x) and the image's size (peak memory, target <= "
+           f"{INSPECT_MEMORY_X:.0f}x). *validate* is reading the image and validating its "
+           "records, nothing else (`python -c` on linkfix.image and linkfix.tables): the "
+           "floor both commands share.", ""]
+    rows = []
+    for s in pl.sizes:
+        row = [f"{s.sites:,}", f"{s.image_bytes / 1e6:.1f}", fmt(s.patch.median, 3),
+               f"{s.patch.peak_kb / 1024:.0f}" if s.patch.peak_kb else "-",
+               f"{s.validate.peak_kb / 1024:.0f}" if s.validate.peak_kb else "-"]
+        for form, _argv in INSPECT_FORMATS:
+            t = s.inspect.get(form)
+            tx, mx = s.inspect_time_x(form), s.inspect_memory_x(form)
+            row += [fmt(t.median if t else None, 2), f"{tx:.1f}x" if tx is not None else "-",
+                    f"{t.peak_kb / 1024:.0f}" if t and t.peak_kb else "-",
+                    f"{mx:.1f}x" if mx is not None else "-"]
+        rows.append(row)
+    head = ["sites", "image MB", "patch s", "patch peak MB", "validate peak MB"]
+    for form, _argv in INSPECT_FORMATS:
+        name = "inspect" if form == "text" else f"--{form}"
+        head += [f"{name} s", "x patch", f"{name} peak MB", "x image"]
+    return out + _table(head, rows) + [""]
 
 
 def _commands(res: Results) -> list[str]:

@@ -69,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     insp = sub.add_parser("inspect", help="list every site, its state and its alternatives")
     insp.add_argument("image", help="linked ELF image")
-    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    form = insp.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="one JSON document")
+    form.add_argument("--jsonl", action="store_true",
+                      help="JSON Lines: one object per site, then the summary objects")
+    insp.add_argument("--summary", action="store_true",
+                      help="only the totals per op and per backend")
+    insp.add_argument("--site", action="append", default=[], metavar="ADDR|SYMBOL",
+                      help="only this site: hex address, symbol (its sites) or symbol+offset "
+                           "(repeatable)")
+    insp.add_argument("--op", action="append", default=[], metavar="OP",
+                      help="only the sites of this op (repeatable)")
+    insp.add_argument("-o", "--output", metavar="FILE",
+                      help="write to FILE (atomically) instead of stdout")
     _common(insp)
 
     ver = sub.add_parser("verify", help="check that every site holds what the selection implies")
