@@ -123,9 +123,9 @@ def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_a
         row = []
         for k in range(n_alts):
             j0 = op * n_alts + k
-            body, crc, length, flags, n, r1, first, r2 = entries[j0]
+            body, crc, length, flags, n, body_len, first, r2 = entries[j0]
             where = f"{sec}: op {op} alternative {k}"
-            if flags & ~layout.FLAGS_KNOWN or r1 or r2:
+            if flags & ~layout.FLAGS_KNOWN or r2 or body_len > length:
                 raise BadInput(path, f"{where}: bad flags {flags:#x} or reserved bytes set")
             if not flags & layout.FLAG_PRESENT and (flags or length or n or body or crc):
                 raise BadInput(path, f"{where}: absent, but its entry is not empty")
@@ -142,6 +142,7 @@ def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_a
             if body:
                 addr = (region.vaddr + table_at + layout.BODY.size * j0 + body) & mask
             row.append(layout.AltEntry(flags, layout.BodyDigest(crc, length, tuple(fields),
-                                                                tuple(links)), addr=addr))
+                                                                tuple(links)), addr=addr,
+                                       body_len=body_len))
         rows.append(tuple(row))
     return bounds, tuple(rows), end

@@ -95,7 +95,7 @@ def load(path: str) -> Listing:
         index[key] = len(shapes)
         shapes.append(ShapeInfo(sh.op, sh.site_len, sh.kind == layout.KIND_BRANCH,
                                 tuple(a.present for a in sh.alts)))
-    per = map(index.__getitem__, chk.keys())
+    per = map(index.__getitem__, chk.site_ops)
     shape_of: Sequence[int] = bytes(per) if len(shapes) <= 256 else array("I", per)
     sites = chk.site_addrs
     ordered = all(map(operator.lt, sites, islice(sites, 1, None)))

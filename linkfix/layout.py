@@ -36,7 +36,8 @@ SITE_REC_SIZE = SITE.size  # 8
 # site, generic target, "true" target, op, the backend it tests (1-based), kind
 BRANCH = struct.Struct("<iiiHBB")
 BRANCH_REC_SIZE = BRANCH.size  # 16
-BODY = struct.Struct("<iIBBBBHH")  # copy, crc, len, flags, n_fields, 0, first field, 0
+# copy, crc, len, flags, n_fields, body_len (before the padding), first field, 0
+BODY = struct.Struct("<iIBBBBHH")
 
 
 def op_check(op: int) -> int:
@@ -158,6 +159,7 @@ class AltEntry:
     digest: BodyDigest = ABSENT
     label: str | None = None
     addr: int | None = None
+    body_len: int = 0  # bytes of body (its prefixes included) before the padding
 
     @property
     def present(self) -> bool:
@@ -227,7 +229,7 @@ class Meta:
                 if first > 0xFFFF:
                     raise ValueError("more than 65535 relocated fields in the bodies")
                 n_fields += len(d.fields)
-                out.append((e, BODY.pack(0, d.crc, d.length, e.flags, len(d.fields), 0,
+                out.append((e, BODY.pack(0, d.crc, d.length, e.flags, len(d.fields), e.body_len,
                                          first, 0)[4:]))
         return out
 

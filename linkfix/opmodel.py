@@ -73,7 +73,7 @@ class Alt:
         fields = tuple((p, n) for p, n, _l in self.fields)
         links = tuple(link for _p, _n, link in self.fields)
         return layout.AltEntry(self.flags, layout.body_digest(self.code, fields, links),
-                               label=label)
+                               label=label, body_len=self.body_len)
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def meta(spec: Spec, models: list[OpModel]) -> layout.Meta:
     alts = [tuple(a.entry(m.repl_label(a.k) if a.present else None) for a in m.alts)
             for m in models]
     jmp = layout.AltEntry(layout.FLAG_PRESENT | layout.FLAG_JMP,
-                          layout.body_digest(b"\xe9" + bytes(4), CALL_FIELD))
+                          layout.body_digest(b"\xe9" + bytes(4), CALL_FIELD), body_len=5)
     nop5 = layout.AltEntry(layout.FLAG_PRESENT, layout.body_digest(NOPS[5], ()),
                            label=NOP5_LABEL)
     for b in range(1, len(spec.backends) + 1):

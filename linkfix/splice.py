@@ -99,9 +99,9 @@ class Splicer:
         return self._index.of(addr)
 
     def placed(self, i: int, k: int) -> tuple[bytes, int]:
-        """Site i's bytes for alternative k, and how many of them are the copy (all)."""
+        """Site i's bytes for alternative k, and how many of them are body (not padding)."""
         b = self.site_bytes(i, k)
-        return b, len(b)
+        return b, self.t.meta.alt(self.chk.site_ops[i], k).body_len
 
     # -- the hot loop ----------------------------------------------------------------------
 

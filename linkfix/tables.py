@@ -214,6 +214,7 @@ class Checked:
     copies: dict[tuple[int, int], copies.Copy]  # (op, k) -> the checked copy
     site_addrs: list[int] = field(default_factory=list)  # per site
     site_ops: Sequence[int] = ()  # per site
+    site_lens: bytes = b""  # per site
     groups: dict[int, list[int]] = field(default_factory=dict)  # op -> its op sites' addresses
     # branch op -> (sites, generic targets, "true" targets)
     branch_groups: dict[int, tuple[list[int], list[int], list[int]]] = \
@@ -268,6 +269,7 @@ def check_records(t: Tables) -> Checked:
     br_sites, br_ops, gens, yeses = _branch_records(t)
     chk.site_addrs = op_sites + br_sites
     chk.site_ops = _Concat(op_ops, br_ops)
+    chk.site_lens = op_lens + bytes([5]) * len(br_sites)
     chk.exec_seg = _check_site_ranges(t, op_sites, op_lens, op_ops, br_sites, br_ops)
     _check_branch_targets(t, chk, br_sites, br_ops, gens, yeses, op_sites, op_lens)
     chk.groups = _group(op_sites, op_ops)

@@ -60,7 +60,7 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
 def _site_offsets(t: tables.Tables, chk: tables.Checked) -> tuple[list[int] | None, bytes]:
     """Every site's length by record, and its file offset when the sites lie in
     several segments (else None: one subtraction maps them all)."""
-    lens = bytes(memoryview(t.sites_bytes())[6::t.rec_size])
+    lens = chk.site_lens
     if chk.exec_seg is not None:
         return None, lens
     img = t.image

@@ -219,9 +219,10 @@ def meta_for(bits: int, backends: tuple[str, ...], ops: tuple[SynthOp, ...],
         flags = alt_flags(kind)
         if kind == "generic_indirect":
             flags = layout.FLAG_PRESENT | layout.FLAG_CALL
+        n = 6 if kind == "generic_indirect" else 5 if kind == "generic" else body_len(kind, bits)
         if addrs is not None:
-            return layout.AltEntry(flags, digest, addr=addrs.get((op, k), 0))
-        return layout.AltEntry(flags, digest, label=f"lf_c_{op}_{k}")
+            return layout.AltEntry(flags, digest, addr=addrs.get((op, k), 0), body_len=n)
+        return layout.AltEntry(flags, digest, label=f"lf_c_{op}_{k}", body_len=n)
 
     for j, op in enumerate(ops):
         L = site_len(op, bits, 6 if indirect_generic else 5)
@@ -235,7 +236,8 @@ def meta_for(bits: int, backends: tuple[str, ...], ops: tuple[SynthOp, ...],
                 row.append(entry(j, k, kind, kind_digest(kind, bits, j, op.name, env, symbolic,
                                                          L)))
         rows.append(tuple(row))
-    jmp = layout.AltEntry(layout.FLAG_PRESENT | layout.FLAG_JMP, kind_digest("branch", bits))
+    jmp = layout.AltEntry(layout.FLAG_PRESENT | layout.FLAG_JMP, kind_digest("branch", bits),
+                          body_len=5)
     nop5 = layout.body_digest(nop_fill(5), ())
     n_real = len(ops)
     for b in range(1, len(backends) + 1):

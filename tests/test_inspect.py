@@ -59,9 +59,9 @@ def test_json_lists_every_site_with_location_and_alternatives(built: dict[str, P
     assert alts["native"]["asm"][0] == "cli"
     mask = image.load(str(built["orig"])).symbol_value("xen_vcpu_mask")
     assert alts["xen"]["asm"] == [f"mov byte ptr gs:[{mask:#x}], 1", "nop"]
-    # Format 3 stores every alternative as the whole site (body and padding): the
-    # current inspect reports the copy's length and no separate padding.
-    assert alts["xen"]["body_len"] == 10
+    # Format 3 stores every alternative as the whole site; the header records how
+    # much of it is body (9 bytes of gs store), the rest is padding (a NOP).
+    assert alts["xen"]["body_len"] == 9
     assert alts["xen"]["bytes"].startswith("65c60425") and len(alts["xen"]["bytes"]) == 20
     assert alts["lguest"]["asm"][0].startswith("mov dword ptr [rip + ")
     irq_enable = sites[1]
@@ -69,7 +69,8 @@ def test_json_lists_every_site_with_location_and_alternatives(built: dict[str, P
     summary = doc["summary"]
     assert summary["irq_disable"]["sites"] == 2
     assert summary["irq_disable"]["bytes"] == 2 * 10
-    assert summary["irq_disable"]["padding"] == {"generic": 0, "native": 0, "xen": 0,
+    # two 10-byte sites: the 5-byte call, cli, the 9-byte gs store, the 10-byte store
+    assert summary["irq_disable"]["padding"] == {"generic": 10, "native": 18, "xen": 2,
                                                  "lguest": 0}
 
 
@@ -341,9 +342,9 @@ def test_filters_select_exactly_the_named_sites(fast: dict[str, Path]) -> None:
         assert got == [by_addr[int(s["address"], 16)] for s in got]
         return got
 
-    assert listed("--op", "jumpy") == [s for s in full if s["op"] == "jumpy"]
-    two = listed("--op", "jumpy", "--op", "backend_is(xen)")
-    assert two == [s for s in full if s["op"] in ("jumpy", "backend_is(xen)")]
+    assert listed("--op", "twofield") == [s for s in full if s["op"] == "twofield"]
+    two = listed("--op", "twofield", "--op", "backend_is(xen)")
+    assert two == [s for s in full if s["op"] in ("twofield", "backend_is(xen)")]
     a, b = full[7], full[400]
     assert listed("--site", b["address"], "--site", a["address"]) == [a, b]
     inside = f"{int(a['address'], 16) + a['size'] - 1:#x}"  # any byte of the site names it
@@ -358,9 +359,9 @@ def test_filters_select_exactly_the_named_sites(fast: dict[str, Path]) -> None:
     head = lf(path, "--site", a["address"]).stdout.splitlines()[0]
     assert head.endswith(f"1 of {len(full)} sites, backends native, xen, lguest; "
                          "patched for xen")
-    summary = _jsonl(path, "--op", "jumpy", "--summary")
-    assert [r["op"] for r in summary if r["type"] == "op"] == ["jumpy"]
-    assert summary[-1]["sites"] == sum(s["op"] == "jumpy" for s in full)
+    summary = _jsonl(path, "--op", "twofield", "--summary")
+    assert [r["op"] for r in summary if r["type"] == "op"] == ["twofield"]
+    assert summary[-1]["sites"] == sum(s["op"] == "twofield" for s in full)
 
 
 def test_bad_filters_refuse_in_one_line(fast: dict[str, Path], tmp_path: Path) -> None:
@@ -422,7 +423,7 @@ def test_patched_and_corrupt_sites_show_their_current_state(fast: dict[str, Path
 
 def test_streamed_output_is_identical_between_runs(fast: dict[str, Path], tmp_path: Path) -> None:
     path = str(fast["xen32"])
-    for form in ([], ["--json"], ["--jsonl"], ["--summary"], ["--op", "jumpy", "--jsonl"]):
+    for form in ([], ["--json"], ["--jsonl"], ["--summary"], ["--op", "twofield", "--jsonl"]):
         a = inspect(path, *form)
         b = subprocess.run([sys.executable, "-m", "linkfix", "inspect", path, *form],
                            capture_output=True, text=True, env={**os.environ,
