@@ -125,8 +125,10 @@ def _parse_tail(path: str, region: Region, data: bytes, at: int, n_ops: int, n_a
             j0 = op * n_alts + k
             body, crc, length, flags, n, body_len, first, r2 = entries[j0]
             where = f"{sec}: op {op} alternative {k}"
-            if flags & ~layout.FLAGS_KNOWN or r2 or body_len > length:
+            if flags & ~layout.FLAGS_KNOWN or r2:
                 raise BadInput(path, f"{where}: bad flags {flags:#x} or reserved bytes set")
+            if body_len > length:
+                raise BadInput(path, f"{where}: a {body_len}-byte body in a {length}-byte copy")
             if not flags & layout.FLAG_PRESENT and (flags or length or n or body or crc):
                 raise BadInput(path, f"{where}: absent, but its entry is not empty")
             fields, links = [], []

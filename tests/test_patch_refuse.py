@@ -247,7 +247,7 @@ def test_bad_site_record_fields(tmp_path: Path, field: int, value: tuple[str, in
 
 @pytest.mark.parametrize("k,field,value,message", [
     (1, 9, ("<B", 0x11), "op 0 alternative 1: bad flags 0x11 or reserved bytes set"),
-    (1, 11, ("<B", 1), "op 0 alternative 1: bad flags 0x1 or reserved bytes set"),
+    (1, 11, ("<B", 11), "op 0 alternative 1: a 11-byte body in a 10-byte copy"),
     (1, 14, ("<H", 1), "op 0 alternative 1: bad flags 0x1 or reserved bytes set"),
     (0, 9, ("<B", 0), "op 0 alternative 0: absent, but its entry is not empty"),
     (1, 9, ("<B", 0x7), "op irq_disable alternative native: an op's alternative flagged as a "
