@@ -637,7 +637,7 @@ def m_elf(rng: random.Random, seed: Seed, data: bytearray) -> str:
 # .linkfix.meta fields: offset, size
 _META = {"magic": (0, 1), "version": (8, 2), "machine": (10, 2), "n_ops": (12, 2),
          "n_backends": (14, 2), "site_rec_size": (16, 2), "names_size": (18, 2),
-         "spec_hash": (20, 4), "target": (24, 1), "patched": (25, 1), "reserved": (26, 2)}
+         "spec_hash": (20, 4), "target": (24, 1), "patched": (25, 1), "names_check": (26, 2)}
 _BOUND_NAMES = ("sites_start", "sites_end", "branches_start", "branches_end", "repl_start",
                 "repl_end")
 
@@ -1285,7 +1285,9 @@ def expected_state(seed: Seed, sel: selection.Selection) -> bytes:
     state = list(sel.per_op)
     for op in set(seed.site_ops):
         state[op] = state[op] if (op, state[op]) in seed.copies else layout.GENERIC
-    return bytes((sel.target, 1, 0, 0)) + bytes(state)
+    # bytes 26-27 are the name table's check, which patching keeps as it is
+    return bytes((sel.target, 1)) + seed.data[seed.meta_off + 26:seed.meta_off + 28] + \
+        bytes(state)
 
 
 @dataclass

@@ -24,7 +24,7 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
     if len(data) < layout.META_FIXED.size:
         raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes, too short for a header")
     (magic, version, machine, n_ops, n_backends, rec_size, names_size, spec_hash,
-     target, patched, reserved) = layout.META_FIXED.unpack_from(data)
+     target, patched, check) = layout.META_FIXED.unpack_from(data)
     if magic != layout.MAGIC:
         raise BadInput(path, f"{layout.META_SECTION}: bad magic {magic!r}")
     if version != layout.VERSION:
@@ -73,7 +73,10 @@ def parse_meta(img: Image, region: Region) -> layout.Meta:
         raise BadInput(path, f"{layout.META_SECTION}: {len(data)} bytes where one header takes "
                              f"{end}: more than one linkfix header linked into the image?")
     op_state = tuple(data[layout.META_STATE_OFFSET:names_at])
-    if target > n_backends or patched > 1 or reserved or any(s > n_backends for s in op_state):
+    if check != layout.names_check(blob):
+        raise BadInput(path, f"{layout.META_SECTION}: the name table does not match its check "
+                             f"({check:#06x}): names changed after gen-stubs?")
+    if target > n_backends or patched > 1 or any(s > n_backends for s in op_state):
         raise BadInput(path, f"{layout.META_SECTION}: corrupt state record "
                              f"(target {target}, patched {patched}, op_state {list(op_state)})")
     return layout.Meta(machine=machine, backends=backends, ops=ops, spec_hash=spec_hash,

@@ -26,7 +26,7 @@ FLAGS_KNOWN = 0xF
 GENERIC = 0  # alternative index of the dispatch call
 
 # magic, version, machine, n_ops, n_backends, site_rec_size, names_size, spec_hash,
-# target, patched, reserved
+# target, patched, names_check
 META_FIXED = struct.Struct("<8sHHHHHHIBBH")
 META_STATE_OFFSET = META_FIXED.size  # 28
 assert META_STATE_OFFSET == 28
@@ -202,13 +202,17 @@ class Meta:
     def names_blob(self) -> bytes:
         return b"".join(n.encode() + b"\0" for n in (*self.backends, *self.ops))
 
+    def names_check(self) -> int:
+        return names_check(self.names_blob())
+
     def head(self) -> bytes:
         """Fixed header, state record and names, padded to 4: the bytes before the bounds."""
         names = self.names_blob()
         state = self.op_state or (0,) * len(self.ops)
         head = META_FIXED.pack(
             MAGIC, VERSION, self.machine, len(self.ops), len(self.backends),
-            SITE_REC_SIZE, len(names), self.spec_hash, self.target, self.patched, 0,
+            SITE_REC_SIZE, len(names), self.spec_hash, self.target, self.patched,
+            names_check(names),
         )
         out = head + bytes(state) + names
         return out + b"\0" * (-len(out) % 4)
@@ -278,9 +282,16 @@ class Meta:
             self.word * len(links)
 
 
-def encode_state(target: int, patched: int, op_state: list[int] | tuple[int, ...]) -> bytes:
-    """The bytes of the state record, written at META offset 24 onwards."""
-    return bytes((target, patched, 0, 0)) + bytes(op_state)
+def names_check(blob: bytes) -> int:
+    """The 16-bit check of the name table the header carries (low half of its CRC32):
+    names swapped or edited in the image no longer match it."""
+    return zlib.crc32(blob) & 0xFFFF
+
+
+def encode_state(target: int, patched: int, op_state: list[int] | tuple[int, ...],
+                 check: int) -> bytes:
+    """The bytes from META offset 24 on: the state record, the name check kept."""
+    return bytes((target, patched)) + struct.pack("<H", check) + bytes(op_state)
 
 
 STATE_OFFSET = 24

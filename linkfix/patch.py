@@ -57,7 +57,8 @@ def run(args) -> int:  # noqa: ANN001 - argparse namespace
         result["relocs"] = relocs.update(sp, eff, out, now.per_op)
         state = op_state(t, chk, sel.per_op, eff)
         state_at = t.meta_region.offset + layout.STATE_OFFSET
-        out[state_at:state_at + 4 + len(state)] = layout.encode_state(sel.target, 1, state)
+        out[state_at:state_at + 4 + len(state)] = layout.encode_state(
+            sel.target, 1, state, t.meta.names_check())
         result["eff"] = eff
 
     write_patched_copy(src, dst, mode, edit)

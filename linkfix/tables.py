@@ -415,6 +415,19 @@ def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: bytes 
         for s, op, x in zip(sites, ops, targets, strict=True):
             if img.load_for(x, 1, executable=True) is None:
                 raise site_error(t, s, op, f"jumps to {x:#x}, outside the executable segments")
+    # Never into the tables: data, even where a segment maps them executable.
+    for name, r in ((layout.META_SECTION, t.meta_region), (layout.SITES_SECTION, t.sites_region),
+                    (layout.BRANCHES_SECTION, t.branches_region),
+                    (layout.REPL_SECTION, t.repl_region)):
+        if r is None or not r.size:
+            continue
+        for targets in (gens, yeses):
+            if min(targets) < r.vaddr + r.size and r.vaddr <= max(targets):
+                j = next((j for j, x in enumerate(targets)
+                          if r.vaddr <= x < r.vaddr + r.size), None)
+                if j is not None:
+                    raise site_error(t, sites[j], ops[j], f"jumps to {targets[j]:#x}, into "
+                                                          f"{name}")
     inside = [j for j, (s, g, y) in enumerate(zip(sites, gens, yeses, strict=True))
               if s <= g < s + 5 or s <= y < s + 5]
     if inside:
