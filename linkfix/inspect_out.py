@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TextIO
 
 from linkfix import fileio, image
@@ -137,35 +138,44 @@ def write_text(lst: Listing, out: TextIO, summary_only: bool) -> None:
 # -- JSON --------------------------------------------------------------------------------
 
 
+def _jstr(text: str | None) -> str:
+    """json.dumps of a string or None (its own C encoder, without the dispatch)."""
+    return "null" if text is None else encode_basestring_ascii(text)
+
+
 def _site_objects(lst: Listing, lead: str) -> Iterator[str]:
     """Each site as one line of JSON (`lead` opens the object)."""
     t = lst.t
-    jnames = [json.dumps(t.alt_name(k)) for k in range(t.n_alts)]
+    jnames = [_jstr(t.alt_name(k)) for k in range(t.n_alts)]
+    nulls = [f"{name}: null" for name in jnames]
     jstate: dict[str, str] = {}
     jmatch: dict[tuple[int, ...], str] = {}
     layouts = lst.cache.layouts  # type: ignore[union-attr]
-    dumps = json.dumps
-    kinds = [f'"op": {dumps(t.op_name(sh.op))}, "kind": "{"branch" if sh.branch else "op"}", '
+    opening: list[dict[int, str]] = [{} for _ in jnames]  # per k: layout id -> its opening
+    kinds = [f'"op": {_jstr(t.op_name(sh.op))}, "kind": "{"branch" if sh.branch else "op"}", '
              f'"size": {sh.size}, "bytes": "' for sh in lst.shapes]
     for s, n, cur, wants, matches, st, sym, line in sites(lst):
         alts = []
         for k, (lid, want) in enumerate(wants):
             if lid >= 0:
-                lay = layouts[lid]
-                alts.append(f'{jnames[k]}: {{"body_len": {lay.body_len}, "bytes": '
-                            f'"{want.hex()}", "asm": [{lay.json(want, s)}]}}')  # type: ignore[union-attr, arg-type]
+                head = opening[k].get(lid)
+                if head is None:
+                    head = opening[k][lid] = \
+                        f'{jnames[k]}: {{"body_len": {layouts[lid].body_len}, "bytes": "'
+                alts.append(f'{head}{want.hex()}", "asm": '  # type: ignore[union-attr]
+                            f'[{layouts[lid].json(want, s)}]}}')  # type: ignore[arg-type]
             elif lid == ABSENT:
-                alts.append(f"{jnames[k]}: null")
+                alts.append(nulls[k])
             else:
-                alts.append(f'{jnames[k]}: {{"error": {dumps(want)}}}')
+                alts.append(f'{jnames[k]}: {{"error": {_jstr(want)}}}')  # type: ignore[arg-type]
         m = tuple(matches)
         jm = jmatch.get(m)
         if jm is None:
             jm = jmatch[m] = "[" + ", ".join(jnames[k] for k in m) + "]"
         js = jstate.get(st)
         if js is None:
-            js = jstate[st] = dumps(st)
-        yield (f'{lead}"address": "{s:#x}", "symbol": {dumps(sym)}, "line": {dumps(line)}, '
+            js = jstate[st] = _jstr(st)
+        yield (f'{lead}"address": "{s:#x}", "symbol": {_jstr(sym)}, "line": {_jstr(line)}, '
                f'{kinds[n]}{cur.hex()}", "state": {js}, "matches": {jm}, '
                f'"alternatives": {{{", ".join(alts)}}}}}')
 
