@@ -270,8 +270,12 @@ def check_records(t: Tables) -> Checked:
     chk.site_addrs = op_sites + br_sites
     chk.site_ops = _Concat(op_ops, br_ops)
     chk.site_lens = op_lens + bytes([5]) * len(br_sites)
-    chk.exec_seg = _check_site_ranges(t, op_sites, op_lens, op_ops, br_sites, br_ops)
-    _check_branch_targets(t, chk, br_sites, br_ops, gens, yeses, op_sites, op_lens)
+    op_sorted = _sorted_disjoint(op_sites, op_lens)
+    br_sorted = _sorted_disjoint(br_sites, bytes([5]) * len(br_sites))
+    chk.exec_seg = _check_site_ranges(t, op_sites, op_lens, op_ops, br_sites, br_ops,
+                                      op_sorted and br_sorted)
+    _check_branch_targets(t, chk, br_sites, br_ops, gens, yeses, op_sites, op_lens, op_sorted,
+                          br_sorted)
     chk.groups = _group(op_sites, op_ops)
     for op, (s_, g_, y_) in _group_branches(br_sites, br_ops, gens, yeses).items():
         chk.branch_groups[op] = (s_, g_, y_)
@@ -402,7 +406,7 @@ def _group_branches(sites: list[int], ops: bytes | list[int], gens: list[int],
 
 def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: bytes | list[int],
                           gens: list[int], yeses: list[int], op_sites: list[int],
-                          op_lens: bytes) -> None:
+                          op_lens: bytes, op_sorted: bool, br_sorted: bool) -> None:
     """A branch site's jumps lead into executable code, never into the site itself."""
     if not sites:
         return
@@ -428,30 +432,35 @@ def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: bytes 
                 if j is not None:
                     raise site_error(t, sites[j], ops[j], f"jumps to {targets[j]:#x}, into "
                                                           f"{name}")
-    inside = [j for j, (s, g, y) in enumerate(zip(sites, gens, yeses, strict=True))
-              if s <= g < s + 5 or s <= y < s + 5]
-    if inside:
-        j = inside[0]
-        raise site_error(t, sites[j], ops[j], "jumps into its own site")
+    for targets in (gens, yeses):
+        # 0 <= target - site < 5: into its own site, its first byte included (a loop)
+        if any(map(range(5).__contains__, map(operator.sub, targets, sites))):
+            j = next(j for j, (x, s) in enumerate(zip(targets, sites, strict=True))
+                     if 0 <= x - s < 5)
+            raise site_error(t, sites[j], ops[j], "jumps into its own site")
     # Nor into the middle of another site (its first byte is fine: a branch may start
     # with a site): every patch rewrites the bytes there.
-    for starts, lens in ((op_sites, op_lens), (sites, bytes([5]) * len(sites))):
-        if not _sorted_disjoint(starts, lens):
+    for starts, lens, ordered in ((op_sites, op_lens, op_sorted),
+                                  (sites, bytes([5]) * len(sites), br_sorted)):
+        if not starts:
+            continue
+        if not ordered:
             pairs = sorted(zip(starts, lens, strict=True))
             starts, lens = [a for a, _n in pairs], bytes(n for _a, n in pairs)
-        before = [-(1 << 64), *starts]
-        ends = b"\0" + bytes(lens)
         for targets in (gens, yeses):
-            at = list(map(bisect.bisect_right, repeat(starts), targets))
-            lo = list(map(before.__getitem__, at))
+            # The site at or before each target; for a target before every site, index
+            # -1 names the last site, which starts after it: no false hit.
+            at = list(map(operator.sub, map(bisect.bisect_right, repeat(starts), targets),
+                          repeat(1)))
+            lo = list(map(starts.__getitem__, at))
             hit = map(operator.and_, map(operator.lt, lo, targets),
                       map(operator.lt, targets, map(operator.add, lo,
-                                                    map(ends.__getitem__, at))))
+                                                    map(lens.__getitem__, at))))
             if any(hit):
                 j = next(j for j, (x, p) in enumerate(zip(targets, at, strict=True))
-                         if before[p] < x < before[p] + ends[p])
+                         if starts[p] < x < starts[p] + lens[p])
                 raise site_error(t, sites[j], ops[j], f"jumps to {targets[j]:#x}, inside "
-                                                      f"the site at {before[at[j]]:#x}")
+                                                      f"the site at {starts[at[j]]:#x}")
 
 
 class _Concat:
@@ -477,7 +486,8 @@ def _sorted_disjoint(sites: list[int], lens: bytes | list[int]) -> bool:
 
 
 def _check_site_ranges(t: Tables, op_sites: list[int], op_lens: bytes, op_ops: bytes | list[int],
-                       br_sites: list[int], br_ops: bytes | list[int]) -> Segment | None:
+                       br_sites: list[int], br_ops: bytes | list[int], ordered: bool
+                       ) -> Segment | None:
     """Every site inside an executable PT_LOAD's file bytes; no two sites overlap.
 
     Returns the executable segment holding all sites when there is one (the
@@ -490,7 +500,7 @@ def _check_site_ranges(t: Tables, op_sites: list[int], op_lens: bytes, op_ops: b
     if not sites:
         return None
     br_lens = bytes([5]) * len(br_sites)
-    ok = _sorted_disjoint(op_sites, op_lens) and _sorted_disjoint(br_sites, br_lens)
+    ok = ordered
     if ok and br_sites and op_sites:
         # at[j]: op sites before branch site j; with a sentinel in front, index at[j]
         # is the op site before it and at[j] + 1 the one after.
