@@ -1,96 +1,82 @@
-"""Read a linked ELF image: header, PT_LOAD segments, sections, symbols, relocations.
+"""A linked ELF image as linkfix sees it: bytes, PT_LOAD address map, sections, symbols.
 
-Plain `struct` parsing of the file (read into memory, or mapped read-only when it
-is large: then it costs only the pages looked at): it is much faster than
-lief on large symbol tables and never writes anything. linkfix produces its
-output by copying these bytes and patching them at file offsets, so the only
-address translation that matters is vaddr -> file offset through PT_LOAD
-(never p_paddr, which a kernel sets to its load address).
+The structures are read by one of two readers, chosen by LINKFIX_ELF_READER:
+`lief` (linkfix/elflief.py: lief parses the headers and .symtab, every fact
+compared with the raw bytes) or `hand` (linkfix/elfraw.py: plain `struct`
+decoding). Both run the same checks first and give the same facts or the same
+refusal (tests/test_reader_diff.py); a mapped image is always read by hand
+(lief would hold a copy of it). docs/READER.md has the measurements.
+
+The file is read into memory, or mapped read-only when it is large (then it
+costs only the pages looked at), and never written: linkfix produces its output
+by copying these bytes and patching them at file offsets, so the only address
+translation that matters is vaddr -> file offset through PT_LOAD (never p_paddr,
+which a kernel sets to its load address).
 """
 
 from __future__ import annotations
 
 import bisect
-import mmap
 import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 
+from linkfix import elfrelocs
+from linkfix.elfraw import (  # noqa: F401 - the names of ELF constants users take from here
+    EM_386,
+    EM_X86_64,
+    ET_DYN,
+    ET_EXEC,
+    PF_X,
+    PT_DYNAMIC,
+    PT_LOAD,
+    SHF_ALLOC,
+    SHT_DYNAMIC_SEC,
+    SHT_DYNSYM,
+    SHT_NOBITS,
+    SHT_REL,
+    SHT_RELA,
+    SHT_RELR,
+    SHT_SYMTAB,
+    Data,
+    ElfRead,
+    Section,
+    Segment,
+    Symbol,
+    read_raw,
+)
+from linkfix.elfrelocs import Reloc
 from linkfix.errors import BadInput
 from linkfix.fileio import map_regular, read_regular
 
-EM_386 = 3
-EM_X86_64 = 62
-ET_EXEC = 2
-ET_DYN = 3
-PT_LOAD = 1
-PT_DYNAMIC = 2
-PF_X = 1
-SHT_SYMTAB = 2
-SHT_RELA = 4
-SHT_NOBITS = 8
-SHT_REL = 9
-SHT_DYNSYM = 11
-SHT_DYNAMIC_SEC = 6
-SHT_RELR = 19
-SHF_ALLOC = 0x2
-
-# Dynamic tags naming load-time relocation tables.
-DT_NULL = 0
-DT_RELA, DT_RELASZ, DT_REL, DT_RELSZ = 7, 8, 17, 18
-DT_JMPREL, DT_PLTRELSZ, DT_PLTREL = 23, 2, 20
-DT_RELR, DT_RELRSZ = 36, 35
-
-_CLASS = {1: 32, 2: 64}
-_MACHINE_CLASS = {EM_386: 32, EM_X86_64: 64}
+READER_ENV = "LINKFIX_ELF_READER"
+READERS = ("lief", "hand")
+DEFAULT_READER = "hand"
 
 
-@dataclass(frozen=True)
-class Segment:
-    vaddr: int
-    memsz: int
-    offset: int
-    filesz: int
-    flags: int
-
-    @property
-    def executable(self) -> bool:
-        return bool(self.flags & PF_X)
+def selected_reader() -> str:
+    """The reader LINKFIX_ELF_READER names (the default when it is unset or empty)."""
+    name = os.environ.get(READER_ENV) or DEFAULT_READER
+    if name not in READERS:
+        raise BadInput(None, f"{READER_ENV}={name!r}: not an ELF reader (lief or hand)")
+    return name
 
 
-@dataclass(frozen=True)
-class Section:
-    index: int
-    name: str
-    type: int
-    flags: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    info: int
-    entsize: int
+def read_elf(path: str, data: Data, reader: str | None = None, from_path: bool = False
+             ) -> ElfRead:
+    """The checked ELF structures of `data` by `reader` (None: the selected one);
+    `from_path` says `data` is the content of the file `path`."""
+    reader = reader or selected_reader()
+    if reader == "lief" and isinstance(data, bytes):
+        from linkfix import elflief  # imports lief: only a command that reads an image
 
-
-@dataclass(frozen=True)
-class Symbol:
-    name: str
-    value: int
-    size: int
-    type: int  # STT_*
-    shndx: int
-
-
-@dataclass(frozen=True)
-class Reloc:
-    """One relocation entry; `slot` is its byte position in the file."""
-
-    slot: int
-    offset: int
-    type: int
-    sym: int
-    addend: int  # 0 for REL entries (the addend lives in the relocated field)
+        return elflief.read(path, data, from_path)
+    # A mapped image (over READ_LIMIT) is read by hand even with lief selected: lief
+    # keeps a whole copy of the file in memory, which the mapping is there to avoid.
+    if reader not in READERS:
+        raise ValueError(f"unknown ELF reader {reader!r}")
+    return read_raw(path, data)
 
 
 @dataclass(frozen=True)
@@ -108,99 +94,41 @@ class RelocTable:
 
 
 class Image:
-    """A parsed ELF32/ELF64 little-endian x86 image (ET_EXEC or ET_DYN)."""
+    """A parsed ELF32/ELF64 little-endian x86 image (ET_EXEC or ET_DYN).
 
-    def __init__(self, path: str, data: bytes | mmap.mmap) -> None:
+    `reader` is "lief" or "hand"; None takes the one LINKFIX_ELF_READER selects.
+    `from_path`: `data` is the content of the file `path` (as load() reads it).
+    """
+
+    def __init__(self, path: str, data: Data, reader: str | None = None, *,
+                 from_path: bool = False) -> None:
         self.path = path
         self.data = data
-        if len(data) < 52 or data[:4] != b"\x7fELF":
-            raise BadInput(path, "not an ELF file")
-        cls = _CLASS.get(data[4])
-        if cls is None:
-            raise BadInput(path, f"unknown ELF class {data[4]}")
-        if data[5] != 1:
-            raise BadInput(path, "not a little-endian ELF file")
-        if len(data) < (64 if cls == 64 else 52):
-            raise BadInput(path, f"ELF header truncated ({len(data)} bytes, ELF{cls} needs "
-                                 f"{64 if cls == 64 else 52})")
-        self.bits = cls
-        self.w = "Q" if cls == 64 else "I"
-        if cls == 64:
-            hdr = struct.unpack_from("<HHIQQQIHHHHHH", data, 16)
-        else:
-            hdr = struct.unpack_from("<HHIIIIIHHHHHH", data, 16)
-        (self.etype, self.machine, _ver, self.entry, phoff, shoff, _flags, _ehsize,
-         phentsize, phnum, shentsize, shnum, shstrndx) = hdr
-        if self.machine not in _MACHINE_CLASS:
-            raise BadInput(path, f"unsupported e_machine {self.machine} (x86-64 or i386 only)")
-        if _MACHINE_CLASS[self.machine] != cls:
-            raise BadInput(path, f"ELF{cls} file with e_machine {self.machine}")
-        if self.etype not in (ET_EXEC, ET_DYN):
-            raise BadInput(path, f"e_type {self.etype}: a linked executable (ET_EXEC or "
-                                 "ET_DYN) is required")
+        elf = read_elf(path, data, reader, from_path)
+        self.reader = elf.reader
+        hdr = elf.header
+        self.bits = hdr.bits
+        self.w = "Q" if hdr.bits == 64 else "I"
+        self.etype, self.machine, self.entry = hdr.etype, hdr.machine, hdr.entry
         # File ranges of the headers themselves: nothing linkfix writes may land there.
-        self.header_ranges = (("the ELF header", 0, 64 if cls == 64 else 52),
-                              ("the program header table", phoff, phentsize * phnum),
-                              ("the section header table", shoff if shnum else 0,
-                               shentsize * shnum if shoff else 0))
-        self.segments = self._segments(phoff, phentsize, phnum)
+        self.header_ranges = (("the ELF header", 0, hdr.ehsize),
+                              ("the program header table", hdr.phoff,
+                               hdr.phentsize * hdr.phnum),
+                              ("the section header table", hdr.shoff if hdr.shnum else 0,
+                               hdr.shentsize * hdr.shnum if hdr.shoff else 0))
+        self.segments = elf.segments
         self.loads = tuple(s for s in self.segments if s[0] == PT_LOAD)
         self.load_segments = tuple(
             Segment(vaddr=v, memsz=m, offset=o, filesz=f, flags=fl)
             for _t, fl, o, v, f, m in self.loads
         )
-        self.sections = self._sections(shoff, shentsize, shnum, shstrndx)
-        self._by_name = {}
+        self.sections = elf.sections
+        self._symbol_source = elf.symbols
+        self._by_name: dict[str, Section] = {}
         for s in self.sections:
             self._by_name.setdefault(s.name, s)
 
     # -- headers ---------------------------------------------------------------------------
-
-    def _check_range(self, what: str, off: int, size: int) -> None:
-        if off < 0 or size < 0 or off + size > len(self.data):
-            raise BadInput(self.path, f"{what} lies outside the file (truncated image?)")
-
-    def _segments(self, phoff: int, entsize: int, num: int) -> tuple[tuple[int, ...], ...]:
-        if self.bits == 64:
-            fmt = struct.Struct("<IIQQQQQQ")  # type flags offset vaddr paddr filesz memsz align
-        else:
-            fmt = struct.Struct("<IIIIIIII")  # type offset vaddr paddr filesz memsz flags align
-        if num and entsize < fmt.size:
-            raise BadInput(self.path, f"e_phentsize {entsize} too small")
-        self._check_range("program header table", phoff, entsize * num)
-        out = []
-        for i in range(num):
-            f = fmt.unpack_from(self.data, phoff + i * entsize)
-            if self.bits == 64:
-                ptype, flags, off, vaddr, _pa, filesz, memsz, _al = f
-            else:
-                ptype, off, vaddr, _pa, filesz, memsz, flags, _al = f
-            if ptype == PT_LOAD:
-                self._check_range("PT_LOAD segment", off, filesz)
-            out.append((ptype, flags, off, vaddr, filesz, memsz))
-        return tuple(out)
-
-    def _sections(self, shoff: int, entsize: int, num: int, strndx: int) -> tuple[Section, ...]:
-        if not shoff or not num:
-            return ()
-        fmt = struct.Struct("<IIQQQQIIQQ" if self.bits == 64 else "<IIIIIIIIII")
-        if entsize < fmt.size:
-            raise BadInput(self.path, f"e_shentsize {entsize} too small")
-        self._check_range("section header table", shoff, entsize * num)
-        raw = [fmt.unpack_from(self.data, shoff + i * entsize) for i in range(num)]
-        names = b""
-        if 0 < strndx < num:
-            _n, _t, _f, _a, off, size, *_ = raw[strndx]
-            self._check_range("section name table", off, size)
-            names = self.data[off:off + size]
-        out = []
-        for i, (name, typ, flags, addr, off, size, link, info, _al, ent) in enumerate(raw):
-            end = names.find(b"\0", name)
-            label = names[name:end if end >= 0 else None].decode("utf-8", "replace")
-            if typ != SHT_NOBITS and i:
-                self._check_range(f"section {label}", off, size)
-            out.append(Section(i, label, typ, flags, addr, off, size, link, info, ent))
-        return tuple(out)
 
     def guarded_ranges(self) -> list[tuple[str, int, int]]:
         """(what, file offset, size) of everything a site must never overlap.
@@ -287,72 +215,18 @@ class Image:
 
     # -- symbols ---------------------------------------------------------------------------
 
-    def _symtab(self, sec: Section) -> list[Symbol]:
-        if sec.link >= len(self.sections):
-            return []
-        strs = self.sections[sec.link]
-        strtab = self.data[strs.offset:strs.offset + strs.size]
-        if self.bits == 64:
-            fmt = struct.Struct("<IBBHQQ")
-        else:
-            fmt = struct.Struct("<IIIBBH")
-        raw = self.data[sec.offset:sec.offset + sec.size - sec.size % fmt.size]
-        out = []
-        for ent in fmt.iter_unpack(raw):
-            if self.bits == 64:
-                name, info, _other, shndx, value, size = ent
-            else:
-                name, value, size, info, _other, shndx = ent
-            end = strtab.find(b"\0", name)
-            label = strtab[name:end if end >= 0 else None].decode("utf-8", "replace")
-            out.append(Symbol(label, value, size, info & 0xF, shndx))
-        return out
-
     @cached_property
     def symbols(self) -> list[Symbol]:
         """.symtab if present, else .dynsym (empty when the image has neither)."""
-        for typ in (SHT_SYMTAB, SHT_DYNSYM):
-            for sec in self.sections:
-                if sec.type == typ:
-                    return self._symtab(sec)
-        return []
+        return self._symbol_source.all()
 
     def symbol_value(self, name: str) -> int | None:
-        """The value of the first defined symbol `name` (no full symbol table parse:
-        the name's string offsets are found in the string table, then matched
-        against the st_name column)."""
+        """The value of the first defined symbol `name` (without decoding the whole
+        table unless it already is)."""
         if "symbols" in self.__dict__:
             return next((s.value for s in self.symbols if s.name == name and s.shndx != 0),
                         None)
-        sec = next((s for typ in (SHT_SYMTAB, SHT_DYNSYM) for s in self.sections
-                    if s.type == typ), None)
-        if sec is None or sec.link >= len(self.sections):
-            return None
-        strs = self.sections[sec.link]
-        strtab = self.data[strs.offset:strs.offset + strs.size]
-        key = name.encode() + b"\0"
-        offsets = set()
-        at = strtab.find(key)
-        while at >= 0:
-            if at == 0 or strtab[at - 1] == 0:
-                offsets.add(at)
-            at = strtab.find(key, at + 1)
-        if not offsets:
-            return None
-        ent = 24 if self.bits == 64 else 16
-        n = sec.size // ent
-        if n == 0:
-            return None
-        cols = memoryview(self.data[sec.offset:sec.offset + n * ent]).cast("I")
-        names = cols[::ent // 4]
-        fmt = struct.Struct("<IBBHQQ" if self.bits == 64 else "<IIIBBH")
-        for j, v in enumerate(names):
-            if v in offsets:
-                f = fmt.unpack_from(self.data, sec.offset + j * ent)
-                value, shndx = (f[4], f[3]) if self.bits == 64 else (f[1], f[5])
-                if shndx != 0:
-                    return value
-        return None
+        return self._symbol_source.value(name)
 
     @cached_property
     def _code_symbols(self) -> tuple[list[int], list[Symbol]]:
@@ -386,25 +260,13 @@ class Image:
 
     def _reloc_entries(self, off: int, size: int, rela: bool, lo: int = 0,
                        hi: int = 1 << 64) -> list[Reloc]:
-        fmt = self.reloc_struct(rela)
-        self._check_range("relocation table", off, size)
-        raw = self.data[off:off + size - size % fmt.size]
-        shift, mask = (32, 0xFFFFFFFF) if self.bits == 64 else (8, 0xFF)
-        out = []
-        for i, ent in enumerate(fmt.iter_unpack(raw)):
-            if lo <= ent[0] < hi:
-                addend = ent[2] if rela else 0
-                out.append(Reloc(off + i * fmt.size, ent[0], ent[1] & mask, ent[1] >> shift,
-                                 addend))
-        return out
+        return elfrelocs.reloc_entries(self.path, self.data, self.bits, off, size, rela, lo, hi)
 
     def reloc_struct(self, rela: bool) -> struct.Struct:
-        if self.bits == 64:
-            return struct.Struct("<QQq" if rela else "<QQ")
-        return struct.Struct("<IIi" if rela else "<II")
+        return elfrelocs.reloc_struct(self.bits, rela)
 
     def encode_info(self, sym: int, typ: int) -> int:
-        return (sym << 32 | typ) if self.bits == 64 else (sym << 8 | typ)
+        return elfrelocs.encode_info(self.bits, sym, typ)
 
     @cached_property
     def static_relocs(self) -> tuple[RelocTable, ...]:
@@ -415,48 +277,11 @@ class Image:
                 out.append(RelocTable(self, sec, sec.type == SHT_RELA))
         return tuple(out)
 
-    def _dynamic_tags(self) -> dict[int, int]:
-        tags: dict[int, int] = {}
-        for ptype, _fl, off, va, filesz, _m in self.segments:
-            if ptype != PT_DYNAMIC:
-                continue
-            fmt = struct.Struct("<qQ" if self.bits == 64 else "<iI")
-            self._check_range("PT_DYNAMIC", off, filesz)
-            # The loader reads the dynamic table at its address: a p_offset that
-            # disagrees would hide load-time relocations from this reader.
-            mapped = self.offset_of(va, max(filesz, 1))
-            if mapped != off:
-                where = f"file offset {mapped:#x}" if mapped is not None else "no file bytes"
-                raise BadInput(self.path, f"PT_DYNAMIC: p_offset {off:#x} disagrees with its "
-                                          f"address {va:#x} ({where})")
-            dyn = next((sec for sec in self.sections if sec.type == SHT_DYNAMIC_SEC), None)
-            if dyn is not None and (dyn.addr, dyn.offset) != (va, off):
-                raise BadInput(self.path, f"PT_DYNAMIC at {va:#x} (file offset {off:#x}) "
-                                          f"disagrees with section {dyn.name}")
-            for i in range(filesz // fmt.size):
-                tag, val = fmt.unpack_from(self.data, off + i * fmt.size)
-                if tag == DT_NULL:
-                    break
-                tags.setdefault(tag, val)
-        return tags
-
     @cached_property
     def dynamic_reloc_offsets(self) -> list[int]:
         """Sorted addresses every load-time relocation writes (RELA, REL, JMPREL, RELR)."""
-        tags = self._dynamic_tags()
-        offsets: list[int] = []
-        tables = [(DT_RELA, DT_RELASZ, True), (DT_REL, DT_RELSZ, False)]
-        if DT_JMPREL in tags:
-            tables.append((DT_JMPREL, DT_PLTRELSZ, tags.get(DT_PLTREL) == DT_RELA))
-        for addr_tag, size_tag, rela in tables:
-            if addr_tag in tags and tags.get(size_tag):
-                off = self.offset_of(tags[addr_tag], tags[size_tag])
-                if off is None:
-                    raise BadInput(self.path, "dynamic relocation table outside PT_LOAD")
-                offsets += [r.offset for r in self._reloc_entries(off, tags[size_tag], rela)
-                            if r.type != 0]
-        if DT_RELR in tags and tags.get(DT_RELRSZ):
-            offsets += self._relr(tags[DT_RELR], tags[DT_RELRSZ])
+        tags = elfrelocs.dynamic_tags(self)
+        offsets = elfrelocs.dynamic_reloc_offsets(self, tags)
         if not tags:
             # No PT_DYNAMIC (or none parsed): fall back to allocated reloc sections.
             for sec in self.sections:
@@ -466,40 +291,16 @@ class Image:
                                 if r.type != 0]
         return sorted(offsets)
 
-    def _relr(self, addr: int, size: int) -> list[int]:
-        off = self.offset_of(addr, size)
-        if off is None:
-            raise BadInput(self.path, "DT_RELR table outside PT_LOAD")
-        word = self.bits // 8
-        fmt = "<Q" if word == 8 else "<I"
-        out: list[int] = []
-        where = 0
-        for i in range(size // word):
-            (ent,) = struct.unpack_from(fmt, self.data, off + i * word)
-            if ent & 1 == 0:
-                out.append(ent)
-                where = ent + word
-            else:
-                bits = ent >> 1
-                k = 0
-                while bits:
-                    if bits & 1:
-                        out.append(where + k * word)
-                    bits >>= 1
-                    k += 1
-                where += (self.bits - 1) * word
-        return out
-
 
 # Up to this size an image is read into memory (bytes are faster to search than a
 # mapping); a larger one is mapped, so that it never needs its size in RAM twice.
 READ_LIMIT = 1 << 30
 
 
-def load(path: str) -> Image:
+def load(path: str, reader: str | None = None) -> Image:
     try:
         size = os.stat(path).st_size
         data = read_regular(path) if size <= READ_LIMIT else map_regular(path)
     except OSError as exc:
         raise BadInput(path, f"cannot read: {exc.strerror}") from None
-    return Image(path, data)
+    return Image(path, data, reader, from_path=True)
