@@ -18,9 +18,9 @@ import sys
 import capstone
 import lief
 from capstone import x86_const
+from naive_lief import _entries
 
 from linkfix import layout
-from linkfix.padding import pad
 
 
 def relocate(md: capstone.Cs, body: bytes, body_addr: int, site: int, mask: int) -> bytes:
@@ -62,23 +62,38 @@ def main() -> int:
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if bits64 else capstone.CS_MODE_32)
     md.detail = True
     mask = (1 << (64 if bits64 else 32)) - 1
-    meta = bytes(binary.get_section(layout.META_SECTION).content)
-    n_backends = struct.unpack_from("<H", meta, 14)[0]
-    rec = layout.site_struct(n_backends)
+    meta_sec = binary.get_section(layout.META_SECTION)
+    _n_real, _n_alts, entries = _entries(bytes(meta_sec.content), meta_sec.virtual_address)
     sites_sec = binary.get_section(layout.SITES_SECTION)
     base = sites_sec.virtual_address
-    n = len(sites_sec.content) // rec.size
-    for i in range(n):
-        rec_addr = base + i * rec.size
-        fields = rec.unpack(bytes(binary.get_content_from_virtual_address(rec_addr, rec.size)))
-        site, site_len = rec_addr + fields[0], fields[2]
-        body_off, body_len, flags = fields[4 + 4 * k: 7 + 4 * k]
+    size = layout.SITE.size
+    for i in range(len(sites_sec.content) // size):
+        rec_addr = base + i * size
+        rel, op, site_len, _check = layout.SITE.unpack(
+            bytes(binary.get_content_from_virtual_address(rec_addr, size)))
+        site = rec_addr + rel
+        addr, length, flags = entries[(op, k)]
         if not flags & layout.FLAG_PRESENT:
-            continue
-        body_addr = rec_addr + 8 + 8 * k + body_off
-        body = bytes(binary.get_content_from_virtual_address(body_addr, body_len))
-        new = relocate(md, body, body_addr, site, mask)
-        binary.patch_address(site, list(new + pad(site_len - len(new))))
+            addr, length, flags = entries[(op, 0)]
+        body = bytes(binary.get_content_from_virtual_address(addr, length))
+        new = relocate(md, body, addr, site, mask)
+        binary.patch_address(site, list(new[:site_len]))
+    branches_sec = binary.get_section(layout.BRANCHES_SECTION)
+    if branches_sec is not None:
+        bbase = branches_sec.virtual_address
+        bsize = layout.BRANCH.size
+        for i in range(len(branches_sec.content) // bsize):
+            at = bbase + i * bsize
+            rs, rg, ry, op, _b, _kind = layout.BRANCH.unpack(
+                bytes(binary.get_content_from_virtual_address(at, bsize)))
+            site = at + rs
+            addr, length, flags = entries[(op, k)]
+            if flags & layout.FLAG_JMP:
+                target = at + 4 + rg if k == 0 else at + 8 + ry
+                new = b"\xe9" + struct.pack("<i", target - (site + 5))
+            else:
+                new = bytes(binary.get_content_from_virtual_address(addr, 5))
+            binary.patch_address(site, list(new))
     binary.write(dst)
     return 0
 
