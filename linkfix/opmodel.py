@@ -176,7 +176,7 @@ def _alternative(spec: Spec, op: Op, k: int, backend: str, body: Body, meas: Mea
     n_insns = len(decode(spec.arch, meas.code))
     if meas.length <= site_len:
         code, fields, body_len, pad_insns = sitefill.finish(spec.arch, meas.code, fields,
-                                                            site_len, body.has_branches)
+                                                            site_len)
         return Alt(k, backend, "call" if body.kind == KIND_CALL else "inline", flags, code,
                    fields, body_len, pad_insns, n_insns)
     problem = sitefill.ool_problem(spec.arch, meas.code)

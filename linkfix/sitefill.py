@@ -84,14 +84,26 @@ def _prefix_for(arch: Arch, insn) -> int | None:  # type: ignore[no-untyped-def]
     return 0x3E
 
 
-def finish(arch: Arch, code: bytes, fields: tuple[Field, ...], site_len: int,
-           has_branches: bool) -> tuple[bytes, tuple[Field, ...], int, int]:
+def _own_branches(insns, fields: tuple[Field, ...]) -> bool:  # type: ignore[no-untyped-def]
+    """Does the decoded body hold a relative branch of its own (one whose displacement
+    no relocation fills: it stays inside the body, and a prefix would move its target)?"""
+    from capstone import CS_GRP_BRANCH_RELATIVE
+
+    relocated = {pos for pos, _n, _l in fields}
+    return any(i.group(CS_GRP_BRANCH_RELATIVE) and i.address + i.imm_offset not in relocated
+               for i in insns)
+
+
+def finish(arch: Arch, code: bytes, fields: tuple[Field, ...], site_len: int
+           ) -> tuple[bytes, tuple[Field, ...], int, int]:
     """The body grown to `site_len` bytes: (bytes, its fields moved, the body's length
     with its prefixes, padding instructions after it)."""
     room = site_len - len(code)
     if room <= 0:
         return code, fields, len(code), 0
-    insns = [] if has_branches else decode(arch, code)
+    insns = decode(arch, code)
+    if _own_branches(insns, fields):
+        insns = []
     prefixes = [_prefix_for(arch, i) for i in insns]
     added = [0] * len(insns)
     progress = True

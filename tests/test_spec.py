@@ -52,6 +52,10 @@ BAD = [
     ("unknown-linkfix-field", HEAD.replace("[linkfix]", "[linkfix]\nbackend = \"x\"") + OK_OP,
      "field 'linkfix.backend': unknown field (expected one of: arch, backends, "
      "default_backend, includes, site_budget)"),
+    ("site-budget-small", HEAD + "[ops.irq_disable]\nsite_budget = 4\n" + OK_OP,
+     "op 'irq_disable': field 'site_budget': must be a whole number of bytes from 5 to 255"),
+    ("site-budget-type", HEAD.replace("[linkfix]", "[linkfix]\nsite_budget = \"8\"") + OK_OP,
+     "field 'linkfix.site_budget': must be a whole number of bytes from 5 to 255"),
     ("duplicate-op", HEAD + "[ops.save_fl]\nreturns = \"unsigned long\"\n" + OK_OP
      + "[ops.save_fl]\nclobbers = []\n",
      "op 'save_fl': declared twice (second [ops.save_fl] table at line 11)"),
