@@ -349,8 +349,12 @@ def describe(name: str, data: bytes) -> Seed:
         ops.append(op)
         lens.append(ln)
     for i in range(br.size // layout.BRANCH_REC_SIZE):
-        at = br.vaddr + 16 * i
-        s, g, y, op, _backend, _kind = layout.BRANCH.unpack_from(data, br.offset + 16 * i)
+        at = br.vaddr + layout.BRANCH_REC_SIZE * i
+        s, g, y, op, _backend, _kind, g2, y2 = layout.BRANCH.unpack_from(
+            data, br.offset + layout.BRANCH_REC_SIZE * i)
+        if (g2 + 12, y2 + 12) != (g, y):
+            raise SystemExit(f"fuzz: corpus {name}: branch record {i} names its labels twice, "
+                             "differently")
         addrs.append(at + s)
         ops.append(op)
         lens.append(BRANCH_SITE_LEN)
@@ -760,12 +764,12 @@ def m_site(rng: random.Random, seed: Seed, data: bytearray) -> str:
     return f"site[{i}].kind"
 
 
-_BRANCH_FIELDS = {0: "site", 4: "generic", 8: "true"}
+_BRANCH_FIELDS = {0: "site", 4: "generic", 8: "true", 16: "generic_again", 20: "true_again"}
 
 
 def m_branch(rng: random.Random, seed: Seed, data: bytearray) -> str:
-    """A branch record (16 bytes: site, generic target, true target, op, the backend it
-    tests, kind)."""
+    """A branch record (24 bytes: site, generic target, true target, op, the backend it
+    tests, kind, both targets again)."""
     if not seed.n_branch_sites:
         return m_site(rng, seed, data) if seed.n_op_sites else "branch: none"
     i = rng.randrange(seed.n_branch_sites)
@@ -775,10 +779,10 @@ def m_branch(rng: random.Random, seed: Seed, data: bytearray) -> str:
     r = rng.random()
     if r < 0.08:
         j = rng.randrange(seed.n_branch_sites)
-        _copy_record(data, seed.branches_off, rs, i, j, (0, 4, 8))
+        _copy_record(data, seed.branches_off, rs, i, j, (0, 4, 8, 16, 20))
         return f"branch[{i}] = copy of branch[{j}]"
     if r < 0.7:
-        f = rng.choice([0, 4, 4, 8, 8])
+        f = rng.choice([0, 4, 4, 8, 8, 16, 20])
         value, what = _retarget(rng, seed, rec_vaddr + f, code=True)
         _put(data, rec + f, 4, value)
         return f"branch[{i}].{_BRANCH_FIELDS[f]} -> {what}"

@@ -84,7 +84,7 @@ def main() -> int:
         bsize = layout.BRANCH.size
         for i in range(len(branches_sec.content) // bsize):
             at = bbase + i * bsize
-            rs, rg, ry, op, _b, _kind = layout.BRANCH.unpack(
+            rs, rg, ry, op, _b, _kind, _g2, _y2 = layout.BRANCH.unpack(
                 bytes(binary.get_content_from_virtual_address(at, bsize)))
             site = at + rs
             addr, length, flags = entries[(op, k)]

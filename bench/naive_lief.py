@@ -65,7 +65,8 @@ def main() -> int:
         bbase = branches_sec.virtual_address
         for i in range(len(btable) // layout.BRANCH.size):
             at = bbase + i * layout.BRANCH.size
-            rs, rg, ry, op, _b, _kind = layout.BRANCH.unpack_from(btable, i * layout.BRANCH.size)
+            rs, rg, ry, op, _b, _kind, _g2, _y2 = layout.BRANCH.unpack_from(
+                btable, i * layout.BRANCH.size)
             site = at + rs
             addr, length, flags = entries[(op, k)]
             if flags & layout.FLAG_JMP:

@@ -14,6 +14,7 @@ refused by both, rather than read two ways.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -282,15 +283,30 @@ class SymbolTable:
         n, ent = self.count, sym_struct(self.bits).size
         if not offsets or n == 0:
             return None
-        names = memoryview(self.data[self.sec.offset:self.sec.offset + n * ent]).cast("I")
+        column = self._names
         fmt = sym_struct(self.bits)
-        for j, v in enumerate(names[::ent // 4]):
-            if v in offsets:
-                f = fmt.unpack_from(self.data, self.sec.offset + j * ent)
-                value, shndx = (f[4], f[3]) if self.bits == 64 else (f[1], f[5])
-                if shndx != 0:
-                    return value
+        hits = []
+        for off in offsets:  # each position of the name, by C-speed list.index
+            j = -1
+            while True:
+                try:
+                    j = column.index(off, j + 1)
+                except ValueError:
+                    break
+                hits.append(j)
+        for j in sorted(hits):
+            f = fmt.unpack_from(self.data, self.sec.offset + j * ent)
+            value, shndx = (f[4], f[3]) if self.bits == 64 else (f[1], f[5])
+            if shndx != 0:
+                return value
         return None
+
+    @functools.cached_property
+    def _names(self) -> list[int]:
+        """Every symbol's st_name, in table order (read once: the tables need 8 names)."""
+        n, ent = self.count, sym_struct(self.bits).size
+        raw = memoryview(self.data[self.sec.offset:self.sec.offset + n * ent]).cast("I")
+        return raw[::ent // 4].tolist()
 
 
 def symbol_section(sections: tuple[Section, ...]) -> Section | None:

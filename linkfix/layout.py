@@ -7,7 +7,7 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"LINKFIX\0"
-VERSION = 3
+VERSION = 4
 
 META_SECTION = ".linkfix.meta"
 SITES_SECTION = ".linkfix.sites"
@@ -33,9 +33,12 @@ assert META_STATE_OFFSET == 28
 
 SITE = struct.Struct("<iHBB")  # op site: site, op, site_len, check (op_check(op))
 SITE_REC_SIZE = SITE.size  # 8
-# site, generic target, "true" target, op, the backend it tests (1-based), kind
-BRANCH = struct.Struct("<iiiHBB")
-BRANCH_REC_SIZE = BRANCH.size  # 16
+# site, generic target, "true" target, op, the backend it tests (1-based), kind, then
+# the generic and "true" targets again. A label has no other description in the
+# image (the C code behind it tests a variable, it does not jump there), so each
+# is written twice, as two link-time words: one moved without the other is refused.
+BRANCH = struct.Struct("<iiiHBBii")
+BRANCH_REC_SIZE = BRANCH.size  # 24
 # copy, crc, len, flags, n_fields, body_len (before the padding), first field, 0
 BODY = struct.Struct("<iIBBBBHH")
 

@@ -79,6 +79,8 @@ def branch_site_lines(spec: Spec, b: int) -> list[str]:
         "\t.long %l[__lf_yes] - .",
         f"\t.short {op_index}",
         f"\t.byte {b}, {layout.KIND_BRANCH}",  # the backend tested, repeated
+        "\t.long %l[__lf_generic] - .",  # both labels again (docs/FORMAT.md)
+        "\t.long %l[__lf_yes] - .",
         "\t.popsection",
     ]
 

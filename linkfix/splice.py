@@ -11,7 +11,11 @@ that does not (NotRecognised).
 
 from __future__ import annotations
 
+import operator
 import struct
+from collections import deque
+from collections.abc import Iterable, Iterator
+from itertools import repeat
 
 from linkfix import layout
 from linkfix.copies import Copy
@@ -32,14 +36,6 @@ def effective(shape: Shape, k: int) -> int:
     return k if 0 <= k < len(shape.alts) and shape.alts[k].present else layout.GENERIC
 
 
-def starts_with(data):  # type: ignore[no-untyped-def]
-    """`data.startswith(x, at)` for bytes, and its equivalent for a mapped file."""
-    if isinstance(data, bytes):
-        return data.startswith
-    find = data.find
-    return lambda x, at: find(x, at, at + len(x)) == at
-
-
 class _Template:
     """A copy ready for the loop: its bytes, and its one PC-relative field (if one)."""
 
@@ -58,6 +54,38 @@ class _Template:
             self.c = 0
             self.head = self.tail = b""
         self.fmt = struct.Struct("<I" if wraps else "<i")
+        self.mask = 0xFFFFFFFF if wraps else -1
+        # The whole site in one struct call: no slice object per site.
+        if self.pos is None:
+            self.site = struct.Struct(f"{len(self.fin)}s")
+        else:
+            self.site = struct.Struct(f"<{self.pos}s{'I' if wraps else 'i'}{len(self.tail)}s")
+
+    def values(self, addrs: Iterable[int]) -> Iterator[int]:
+        """The field's value at each site: `c - s`."""
+        return map(operator.and_, map(operator.sub, repeat(self.c), addrs), repeat(self.mask))
+
+    def write(self, out, so: list[int], addrs: list[int]) -> None:  # type: ignore[no-untyped-def]
+        """Put this copy at every file offset `so` (sites `addrs`)."""
+        put = self.site.pack_into
+        if self.pos is None:
+            deque(map(put, repeat(out), so, repeat(self.fin)), maxlen=0)
+        else:
+            deque(map(put, repeat(out), so, repeat(self.head), self.values(addrs),
+                      repeat(self.tail)), maxlen=0)
+
+    def held(self, src, so: list[int], addrs: list[int]) -> bool:  # type: ignore[no-untyped-def]
+        """Whether every site holds this copy (False may also mean: cannot tell fast)."""
+        if not isinstance(src, bytes):
+            return False  # a mapped file has no startswith: the caller checks site by site
+        starts = src.startswith
+        if self.pos is None:
+            return all(map(starts, repeat(self.fin), so))
+        try:
+            return all(map(starts, map(self.site.pack, repeat(self.head), self.values(addrs),
+                                       repeat(self.tail)), so))
+        except struct.error:
+            return False
 
 
 class Splicer:
@@ -151,53 +179,35 @@ class Splicer:
             self._slow_group(out, op, addrs, k, cur, index)
             return
         src = self.img.data
-        starts = starts_with(src)
-        fin, npos, nc = new.fin, new.pos, new.c
-        pack = new.fmt.pack_into
-        m = self.mask
-        s = addrs[0] if addrs else 0
-        try:
-            if old is None:
-                if npos is None:
-                    for s in addrs:
-                        so = s - sd
-                        out[so:so + L] = fin
-                else:
-                    for s in addrs:
-                        so = s - sd
-                        out[so:so + L] = fin
-                        pack(out, so + npos, (nc - s) & m)
-                return
-            unpack = old.fmt.unpack_from
-            cfin, cpos, cc, chead, ctail = old.fin, old.pos, old.c, old.head, old.tail
-            if cpos is None:
-                for s in addrs:
-                    so = s - sd
-                    if not starts(cfin, so):
-                        raise NotRecognised(index.of(s), cur)
-                    out[so:so + L] = fin
-                    if npos is not None:
-                        pack(out, so + npos, (nc - s) & m)
-                return
-            cend = cpos + 4
-            if npos is None:
-                for s in addrs:
-                    so = s - sd
-                    if unpack(src, so + cpos)[0] != (cc - s) & m or not starts(chead, so) \
-                            or not starts(ctail, so + cend):
-                        raise NotRecognised(index.of(s), cur)
-                    out[so:so + L] = fin
-                return
-            for s in addrs:
-                so = s - sd
-                if unpack(src, so + cpos)[0] != (cc - s) & m or not starts(chead, so) \
-                        or not starts(ctail, so + cend):
-                    raise NotRecognised(index.of(s), cur)
-                out[so:so + L] = fin
-                pack(out, so + npos, (nc - s) & m)
-        except struct.error:
-            raise site_error(self.t, s, op, f"alternative {self.t.alt_name(k)}: relocated "
-                                            "displacement does not fit in 32 bits") from None
+        for lo in range(0, len(addrs), _BLOCK):  # blocks bound the temporary lists
+            block = addrs[lo:lo + _BLOCK]
+            so = list(map(operator.sub, block, repeat(sd)))
+            if old is not None and not old.held(src, so, block):
+                self._first_unrecognised(src, block, sd, old, cur, index)
+            try:
+                new.write(out, so, block)
+            except struct.error:
+                bad = next(s for s in block if not _fits(new, s))
+                raise site_error(self.t, bad, op, f"alternative {self.t.alt_name(k)}: "
+                                 "relocated displacement does not fit in 32 bits") from None
+
+    @staticmethod
+    def _first_unrecognised(src, block: list[int], sd: int,  # type: ignore[no-untyped-def]
+                            old: _Template, cur: int | None, index: _Index) -> None:
+        """Name the first site of a block that does not hold `old` (one is known not to)."""
+        m = old.mask
+        for s in block:
+            so = s - sd
+            if old.pos is None:
+                ok = bytes(src[so:so + len(old.fin)]) == old.fin
+            else:
+                ok = bytes(src[so:so + old.pos]) == old.head and \
+                    bytes(src[so + old.pos + 4:so + len(old.fin)]) == old.tail and \
+                    old.fmt.unpack_from(src, so + old.pos)[0] == (old.c - s) & m
+            if not ok:
+                assert cur is not None
+                raise NotRecognised(index.of(s), cur)
+        # Every site holds it: `held` could not tell fast (a mapped file).
 
     def _slow_group(self, out, op: int, addrs: list[int], k: int,  # type: ignore[no-untyped-def]
                     cur: int | None, index: _Index) -> None:
@@ -219,27 +229,67 @@ class Splicer:
         src = self.img.data
         m = self.mask
         fmt = struct.Struct("<I" if self.wraps else "<i")
-        pack, unpack = fmt.pack_into, fmt.unpack_from
         new = self.copy(op, k)
         old = self.copy(op, cur) if cur is not None else None
-        for j, s in enumerate(addrs):
-            so = s - sd if offs is None else offs[j]
-            if old is not None:
-                if old.per_site:
-                    want = (gens[j] if cur == 0 else yeses[j]) - s - 5
-                    ok = src[so] == 0xE9 and unpack(src, so + 1)[0] == want & m
-                else:
-                    ok = src[so:so + 5] == old.code
-                if not ok:
-                    raise NotRecognised(index.of(s), cur)
-            if new.per_site:
-                out[so] = 0xE9
+        so = offs if offs is not None else list(map(operator.sub, addrs, repeat(sd)))
+
+        jmp = struct.Struct("<BI" if self.wraps else "<Bi")
+
+        def rels(kk: int) -> Iterator[int]:
+            """Each site's jump to its generic (kk 0) or true label."""
+            targets = gens if kk == 0 else yeses
+            return map(operator.and_, map(operator.sub, targets,
+                                          map(operator.add, addrs, repeat(5))), repeat(m))
+
+        if old is not None:
+            held = False
+            if isinstance(src, bytes):
                 try:
-                    pack(out, so + 1, ((gens[j] if k == 0 else yeses[j]) - s - 5) & m)
+                    held = all(map(src.startswith, map(jmp.pack, repeat(0xE9), rels(cur)), so)) \
+                        if old.per_site else all(map(src.startswith, repeat(old.code), so))
                 except struct.error:
-                    raise site_error(self.t, s, op, "jump does not fit in 32 bits") from None
-            else:
-                out[so:so + 5] = new.code
+                    held = False
+            if not held:  # name the first site that does not hold it (or check a mapping)
+                for j, s in enumerate(addrs):
+                    at = so[j]
+                    if old.per_site:
+                        t = gens[j] if cur == 0 else yeses[j]
+                        ok = src[at] == 0xE9 and fmt.unpack_from(src, at + 1)[0] == (t - s - 5) & m
+                    else:
+                        ok = bytes(src[at:at + 5]) == old.code
+                    if not ok:
+                        assert cur is not None
+                        raise NotRecognised(index.of(s), cur)
+        if new.per_site:
+            try:
+                deque(map(jmp.pack_into, repeat(out), so, repeat(0xE9), rels(k)), maxlen=0)
+            except struct.error:
+                targets = gens if k == 0 else yeses
+                bad = next(s for s, t in zip(addrs, targets, strict=True)
+                           if not _fits_value(fmt, (t - s - 5) & m))
+                raise site_error(self.t, bad, op, "jump does not fit in 32 bits") from None
+        else:
+            _fill(out, so, 5, new.code)
+
+
+_BLOCK = 1 << 16  # sites per C-level pass: bounds the temporary lists, not the speed
+
+
+def _fill(out, so: list[int], n: int, code: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Write `code` (n bytes) at every offset."""
+    deque(map(struct.Struct(f"{n}s").pack_into, repeat(out), so, repeat(code)), maxlen=0)
+
+
+def _fits_value(fmt: struct.Struct, v: int) -> bool:
+    try:
+        fmt.pack(v)
+    except struct.error:
+        return False
+    return True
+
+
+def _fits(t: _Template, s: int) -> bool:
+    return _fits_value(t.fmt, (t.c - s) & t.mask)
 
 
 class _Index:

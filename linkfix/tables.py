@@ -240,7 +240,7 @@ class Checked:
         """(generic, true) targets of site i, a branch site."""
         j = i - self.t.n_op_sites
         v = self.t.branches_region.vaddr + j * layout.BRANCH_REC_SIZE
-        _s, g, y, _op, _n, _k = layout.BRANCH.unpack_from(self.t.region_bytes(
+        _s, g, y, _op, _n, _k, _g2, _y2 = layout.BRANCH.unpack_from(self.t.region_bytes(
             self.t.branches_region), j * layout.BRANCH_REC_SIZE)
         return v + 4 + g, v + 8 + y
 
@@ -348,12 +348,15 @@ def _branch_records(t: Tables) -> tuple[list[int], bytes | list[int], list[int],
     ints = mv.cast("i")
     rs = layout.BRANCH_REC_SIZE
     base = range(r.vaddr, r.vaddr + rs * n, rs)
-    sites = list(map(operator.add, ints[0::4], base))
-    gens = list(map(operator.add, ints[1::4], range(r.vaddr + 4, r.vaddr + 4 + rs * n, rs)))
-    yeses = list(map(operator.add, ints[2::4], range(r.vaddr + 8, r.vaddr + 8 + rs * n, rs)))
-    ops = _op_column(mv, 12, 16, n)
-    tested = bytes(mv[14::16])
-    kinds = bytes(mv[15::16])
+    w = rs // 4
+    sites = list(map(operator.add, ints[0::w], base))
+    gens = list(map(operator.add, ints[1::w], range(r.vaddr + 4, r.vaddr + 4 + rs * n, rs)))
+    yeses = list(map(operator.add, ints[2::w], range(r.vaddr + 8, r.vaddr + 8 + rs * n, rs)))
+    ops = _op_column(mv, 12, rs, n)
+    tested = bytes(mv[14::rs])
+    kinds = bytes(mv[15::rs])
+    _check_repeated_targets(t, sites, ops, gens, ints[4::w], r.vaddr + 16, "generic")
+    _check_repeated_targets(t, sites, ops, yeses, ints[5::w], r.vaddr + 20, '"true"')
     n_real, n_ops = t.meta.n_real_ops, len(t.meta.ops)
     # The backend byte repeats what the op says (op = n_real_ops + backend - 1): one
     # changed without the other is corruption, not a different branch.
@@ -366,6 +369,17 @@ def _branch_records(t: Tables) -> tuple[list[int], bytes | list[int], list[int],
         raise site_error(t, sites[j], ops[j], f"bad branch record (op {ops[j]}, backend "
                                               f"{tested[j]}, kind {kinds[j]})")
     return sites, ops, gens, yeses
+
+
+def _check_repeated_targets(t: Tables, sites: list[int], ops: bytes | list[int],
+                            targets: list[int], again: memoryview, at: int, what: str) -> None:
+    """A branch record names each label twice: both words must lead to one address."""
+    rs = layout.BRANCH_REC_SIZE
+    second = list(map(operator.add, again, range(at, at + rs * len(targets), rs)))
+    if second != targets:
+        j = next(j for j, (x, y) in enumerate(zip(targets, second, strict=True)) if x != y)
+        raise site_error(t, sites[j], ops[j], f"bad branch record: its {what} target is "
+                                              f"{targets[j]:#x} and, repeated, {second[j]:#x}")
 
 
 def _masks(ops: bytes | list[int]) -> dict[int, bytes] | None:
@@ -439,28 +453,27 @@ def _check_branch_targets(t: Tables, chk: Checked, sites: list[int], ops: bytes 
                      if 0 <= x - s < 5)
             raise site_error(t, sites[j], ops[j], "jumps into its own site")
     # Nor into the middle of another site (its first byte is fine: a branch may start
-    # with a site): every patch rewrites the bytes there.
-    for starts, lens, ordered in ((op_sites, op_lens, op_sorted),
-                                  (sites, bytes([5]) * len(sites), br_sorted)):
-        if not starts:
-            continue
-        if not ordered:
-            pairs = sorted(zip(starts, lens, strict=True))
-            starts, lens = [a for a, _n in pairs], bytes(n for _a, n in pairs)
-        for targets in (gens, yeses):
-            # The site at or before each target; for a target before every site, index
-            # -1 names the last site, which starts after it: no false hit.
-            at = list(map(operator.sub, map(bisect.bisect_right, repeat(starts), targets),
-                          repeat(1)))
-            lo = list(map(starts.__getitem__, at))
-            hit = map(operator.and_, map(operator.lt, lo, targets),
-                      map(operator.lt, targets, map(operator.add, lo,
-                                                    map(lens.__getitem__, at))))
-            if any(hit):
-                j = next(j for j, (x, p) in enumerate(zip(targets, at, strict=True))
-                         if starts[p] < x < starts[p] + lens[p])
-                raise site_error(t, sites[j], ops[j], f"jumps to {targets[j]:#x}, inside "
-                                                      f"the site at {starts[at[j]]:#x}")
+    # with a site): every patch rewrites the bytes there. Sites are disjoint, so their
+    # starts and their ends sorted apart still pair up: one bisection per target.
+    starts = op_sites + sites
+    ends = list(map(operator.add, op_sites, op_lens)) + list(map(operator.add, sites,
+                                                                 repeat(5)))
+    if not (op_sorted and br_sorted and (not op_sites or not sites
+                                         or op_sites[-1] < sites[0])):
+        starts.sort()
+        ends.sort()
+    starts.append(1 << 64)  # a target before every site lands on this sentinel
+    ends.append(1 << 64)
+    targets = gens + yeses
+    at = list(map(operator.sub, map(bisect.bisect_right, repeat(starts), targets), repeat(1)))
+    lo = list(map(starts.__getitem__, at))
+    hit = map(operator.and_, map(operator.lt, lo, targets),
+              map(operator.lt, targets, map(ends.__getitem__, at)))
+    if any(hit):
+        j = next(j for j, (x, p) in enumerate(zip(targets, at, strict=True))
+                 if starts[p] < x < ends[p])
+        raise site_error(t, sites[j % len(sites)], ops[j % len(sites)],
+                         f"jumps to {targets[j]:#x}, inside the site at {starts[at[j]]:#x}")
 
 
 class _Concat:

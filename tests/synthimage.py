@@ -358,7 +358,8 @@ def build_fast(path: str, n_sites: int, bits: int = 64, *, ops: tuple[SynthOp, .
             rec_addr = branches_addr + n_b * layout.BRANCH_REC_SIZE
             layout.BRANCH.pack_into(branches_blob, n_b * layout.BRANCH_REC_SIZE, at - rec_addr,
                                     test[b] - (rec_addr + 4), true[b] - (rec_addr + 8), o, b,
-                                    layout.KIND_BRANCH)
+                                    layout.KIND_BRANCH, test[b] - (rec_addr + 16),
+                                    true[b] - (rec_addr + 20))
             n_b += 1
             jmp = layout.FLAG_PRESENT | layout.FLAG_JMP
             alts.append((test[b], 5, jmp))
@@ -606,7 +607,8 @@ def asm_source(site_ops: list[int], bits: int, ops: tuple[SynthOp, ...] = DEFAUL
             lines.append(f"661: {{disp32}} jmp lf_test_{b}")
             lines += ['.pushsection .linkfix.branches,"a"', ".balign 4", "  .long 661b - .",
                       f"  .long lf_test_{b} - .", f"  .long lf_true_{b} - .",
-                      f"  .short {o}", f"  .byte {b}, 1", ".popsection"]
+                      f"  .short {o}", f"  .byte {b}, 1", f"  .long lf_test_{b} - .",
+                      f"  .long lf_true_{b} - .", ".popsection"]
         lines.append("  nop")  # code between sites
     lines += ['.section .linkfix.sites,"a"', "lf_sites_end:",
               '.section .linkfix.branches,"a"', "lf_branches_end:",

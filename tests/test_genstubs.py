@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from linkfix import layout, measure, sitetext
 from linkfix.arch import I386, X86_64
+from linkfix.gencache import CACHE_NAME
 from linkfix.genstubs import generate
 from linkfix.padding import pad
 from linkfix.sitefill import nop_fill
@@ -198,7 +199,8 @@ def section_size(obj: Path, name: str) -> int:
 
 def test_generated_files(stubs) -> None:
     arch, out, manifest = stubs
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    # the generated files and gen-stubs' cache, nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, CACHE_NAME])
     assert (out / "linkfix.lds").read_bytes() == (ROOT / "ldscripts" / "linkfix.lds").read_bytes()
     assert manifest["arch"] == arch
     assert manifest["format_version"] == layout.VERSION
@@ -230,7 +232,7 @@ def test_records_match_sites(stubs, tmp_path: Path) -> None:
     n_s = sum(S_OP_SITES.values())
     n_b = sum(C_BRANCH_SITES.values())
     assert section_size(tmp_path / "uses.o", ".linkfix.sites") == n_c * 8
-    assert section_size(tmp_path / "uses.o", ".linkfix.branches") == n_b * 16
+    assert section_size(tmp_path / "uses.o", ".linkfix.branches") == n_b * 24
     assert section_size(tmp_path / "uses_s.o", ".linkfix.sites") == n_s * 8
     assert section_size(tmp_path / "uses.o", ".linkfix.repl") == 0  # copies: thunks.o only
 
@@ -310,12 +312,14 @@ def test_records_match_sites(stubs, tmp_path: Path) -> None:
         assert seen_ops == expected
         assert set(seen_ops) <= set(names)
 
-        # branch records: 16 bytes, the jump and its two targets
+        # branch records: 24 bytes, the jump and its two targets, named twice
         bbase, bdata = img.section(".linkfix.branches")
-        assert len(bdata) == n_b * 16
+        assert len(bdata) == n_b * 24
         seen_branches: dict[str, int] = {}
-        for i in range(0, len(bdata), 16):
-            rs, rg, ry, op_index, site_len, kind = struct.unpack_from("<iiiHBB", bdata, i)
+        for i in range(0, len(bdata), 24):
+            rs, rg, ry, op_index, site_len, kind, rg2, ry2 = struct.unpack_from("<iiiHBBii",
+                                                                               bdata, i)
+            assert (rg2 + 12, ry2 + 12) == (rg, ry)
             site = bbase + i + rs
             b = op_index - len(ops) + 1
             assert (site_len, kind) == (b, layout.KIND_BRANCH)  # byte 14: backend tested
@@ -451,7 +455,8 @@ def test_output_is_deterministic_and_unchanged_files_are_kept(tmp_path: Path) ->
 def test_outdir_is_created(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "er"
     assert gen_cli(SPECS / "i386.toml", out, "-q").returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    # the generated files and gen-stubs' cache, nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUTS, CACHE_NAME])
 
 
 # ------------------------------------------------------------------ run the tables

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import synthimage as si
 
-from linkfix import cli, fileio, image, layout, tables
+from linkfix import cli, fileio, gencache, image, layout, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "tests" / "specs"
@@ -333,7 +333,7 @@ def test_truncated_and_inconsistent_tables(elf: Elf) -> None:
          f"{elf.t.sites_region.vaddr:#x} ({sites_size} bytes)"),
         (lambda e: e.section(".linkfix.branches", size=branches_size - layout.BRANCH_REC_SIZE),
          f".linkfix.branches: section .linkfix.branches gives "
-         f"{elf.t.branches_region.vaddr:#x} ({branches_size - 16} bytes) but "
+         f"{elf.t.branches_region.vaddr:#x} ({branches_size - layout.BRANCH_REC_SIZE} bytes) but "
          "__linkfix_branches_start..__linkfix_branches_end gives "
          f"{elf.t.branches_region.vaddr:#x} ({branches_size} bytes)"),
         (lambda e: e.meta(bounds + 4, "<i", struct.unpack_from(
@@ -345,7 +345,8 @@ def test_truncated_and_inconsistent_tables(elf: Elf) -> None:
             "<i", e.data, e.t.meta_region.offset + bounds + 12)[0] + layout.BRANCH_REC_SIZE),
          f".linkfix.branches: section .linkfix.branches gives "
          f"{elf.t.branches_region.vaddr:#x} ({branches_size} bytes) but the bounds in "
-         f".linkfix.meta gives {elf.t.branches_region.vaddr:#x} ({branches_size + 16} bytes)"),
+         f".linkfix.meta gives {elf.t.branches_region.vaddr:#x} "
+         f"({branches_size + layout.BRANCH_REC_SIZE} bytes)"),
         (lambda e: e.meta(14, "<H", 0), f"{meta}: n_ops {n_ops} / n_backends 0 inconsistent"),
         (lambda e: e.meta(18, "<H", 0x7000), f"{meta}: name table runs past the header"),
         (lambda e: e.meta(18, "<H", e.t.meta_region.size - 28 - n_ops - 4),
@@ -985,7 +986,9 @@ def test_outputs_are_byte_identical_across_runs(tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr
             outs[" ".join(argv)] = r.stdout.encode()
         results.append(outs)
-    assert len(results[0]) == 7 + 2 + 2  # generated files, images, inspect outputs
+    # generated files and gen-stubs' cache (its key holds no cwd or hash seed either),
+    # images, inspect outputs
+    assert len(results[0]) == 7 + 1 + 2 + 2 and f"gen/{gencache.CACHE_NAME}" in results[0]
     assert results[0] == results[1]
     assert b'"line": "' in results[0]["inspect vmlinux.xen --json"]  # DWARF was read
 
@@ -1041,8 +1044,15 @@ def test_parallel_gen_stubs_into_one_directory(tmp_path: Path) -> None:
     for p in procs:
         _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    assert {p.name: p.read_bytes() for p in shared.iterdir()} == \
-        {p.name: p.read_bytes() for p in serial.iterdir()}
+
+    def generated(d: Path) -> dict[str, bytes]:
+        # The cache's key differs in-process (the modules this process loaded): it is
+        # compared for being there and valid, the generated files byte for byte.
+        assert gencache.load(str(d / gencache.CACHE_NAME)) is not None
+        return {p.name: p.read_bytes() for p in d.iterdir() if p.name != gencache.CACHE_NAME}
+
+    assert generated(shared) == generated(serial)
+    assert len(list(shared.iterdir())) == len(list(serial.iterdir())) == 8  # 7 and the cache
 
 
 # -- the fuzzer, a fixed slice ---------------------------------------------------------------
