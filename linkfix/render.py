@@ -304,6 +304,8 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         "arch": arch,
         "backends": [(k, b, b.upper()) for k, b in enumerate(spec.backends, start=1)],
         "default_index": spec.backend_index(spec.default_backend),
+        "site_rec_size": layout.SITE_REC_SIZE,
+        "branch_rec_size": layout.BRANCH_REC_SIZE,
         "n_ops": len(spec.ops),
         "models": models,
         "functions": [c_function(spec, m) for m in models],

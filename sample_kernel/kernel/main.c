@@ -61,7 +61,7 @@ static void dump_table(const unsigned char *p, const unsigned char *end, unsigne
 {
 	for (; p + size <= end; p += size) {
 		const unsigned char *site = p + *(const int *)p;
-		unsigned len = size == 8 ? p[6] : 5, i;
+		unsigned len = size == LINKFIX_SITE_REC_SIZE ? p[6] : 5, i;
 
 		printk("LFSITE %lx ", (unsigned long)site);
 		for (i = 0; i < len; i++)
@@ -106,8 +106,9 @@ void kmain(unsigned long magic, unsigned long info)
 		       linkfix_backend_name(linkfix_current_backend), (unsigned long)(t1 - t0));
 	}
 	if (cmdline_has(cmdline, "sitedump")) {
-		dump_table(__linkfix_sites_start, __linkfix_sites_end, 8);
-		dump_table(__linkfix_branches_start, __linkfix_branches_end, 16);
+		dump_table(__linkfix_sites_start, __linkfix_sites_end, LINKFIX_SITE_REC_SIZE);
+		dump_table(__linkfix_branches_start, __linkfix_branches_end,
+			   LINKFIX_BRANCH_REC_SIZE);
 	}
 	free_linkfix_tables();
 #endif
