@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("spec", help="op spec (TOML)")
     gen.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
     gen.add_argument("--no-cache", action="store_true",
-                     help="neither use nor update the cache next to OUTDIR (everything is "
+                     help="neither use nor update the cache in OUTDIR (everything is "
                           "measured and rendered afresh)")
     _common(gen)
 

@@ -1,7 +1,9 @@
 """gen-stubs' cache: what an earlier run measured and wrote, so an unchanged run does nothing.
 
-The cache is one file next to the output directory, `.<OUTDIR name>.linkfix-cache`
-(cache_path). It holds
+The cache is one file in the output directory, `OUTDIR/.linkfix.cache`
+(cache_path). It is not one of the outputs: it is written only after all of them
+are in place (so it never records outputs a failed run did not write), and what it
+records is checked against the files on disk before it is believed. It holds
 
 * the key of the run that wrote it: a digest of everything but the spec that
   decides the output (linkfix's version, the source of every linkfix module
@@ -23,8 +25,11 @@ The file is `linkfix-gencache <version> sha256=<hex>` on the first line, then
 compact JSON whose sha256 that is. A file that is unreadable, truncated, of
 another version or another program, whose checksum or structure is wrong, is
 ignored (the run recomputes and replaces it); it is never an error. It is
-replaced atomically (a unique temporary name, then rename), so parallel runs
-each leave a complete file.
+replaced atomically (a unique temporary name in OUTDIR, then rename), so parallel
+runs each leave a complete file; whichever rename comes last, the outputs it
+records are believed only while the files on disk hash to them. A cache beside
+OUTDIR (`.<OUTDIR name>.linkfix-cache`, where earlier builds kept it) is neither
+read nor removed.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ if TYPE_CHECKING:
 
 MAGIC = b"linkfix-gencache"
 VERSION = b"1"
-SUFFIX = ".linkfix-cache"
+CACHE_NAME = ".linkfix.cache"  # in OUTDIR; not TEMP_PREFIX (.linkfix-), never a temporary
 # module -> distribution: the third-party code gen-stubs runs
 LIBRARIES = {"jinja2": "jinja2", "markupsafe": "markupsafe", "elftools": "pyelftools",
              "keystone": "keystone_engine", "capstone": "capstone"}
@@ -139,21 +144,18 @@ class Probe:
         return write(self.path, encode(payload))
 
 
-def cache_path(outdir: str) -> str | None:
-    """Where the cache of `outdir` lives (None: `outdir` has no name, such as /)."""
-    parent, name = os.path.split(os.path.abspath(outdir))
-    if not name:
-        return None
-    return os.path.join(parent, f".{name}{SUFFIX}")
+def cache_path(outdir: str) -> str:
+    """Where the cache of `outdir` lives: in it."""
+    return os.path.join(outdir, CACHE_NAME)
 
 
 def probe(outdir: str, spec_bytes: bytes) -> Probe | None:
     """This run's key and the cache as found; None when no cache can be used (no
-    place for it, or no GNU as whose version can be asked: its error comes later)."""
+    GNU as whose version can be asked: its error comes later)."""
     path = cache_path(outdir)
     gas = find_assembler()
     version = assembler_version(gas) if gas else None
-    if path is None or gas is None or version is None:
+    if gas is None or version is None:
         return None
     rec = load(path)
     p = Probe(path, gas, version, hashlib.sha256(spec_bytes).hexdigest(), None)
@@ -315,7 +317,7 @@ def _record(obj: Any) -> Record | None:
             and isinstance(outputs, dict) and outputs and isinstance(rep, dict)):
         return None
     for name, digest in outputs.items():
-        if os.path.basename(name) != name or name in ("", ".", "..") \
+        if os.path.basename(name) != name or name in ("", ".", "..", CACHE_NAME) \
                 or not isinstance(digest, str):
             return None
     notes = rep["notes"]

@@ -4,6 +4,9 @@ Everything is validated and rendered in memory first; only then is OUTDIR
 created and the files written: all or none (every changed file is staged as a
 temporary file before the first is renamed into place), and only those whose
 bytes changed, so a bad spec or a full disk leaves no partial output behind.
+The cache (OUTDIR/.linkfix.cache) is not one of the outputs: it is written after
+they are all in place, and only then, so a failed run leaves the previous cache,
+which records the previous outputs, still in place.
 
 A run whose spec, toolchain and outputs are those the cache (gencache.py)
 recorded only repeats what that run printed: nothing is parsed, assembled or

@@ -8,6 +8,10 @@ A failing `as` put on PATH for the second run only would prove nothing (its
 path is another key, so the run rightly misses and fails); what is shown
 instead is that the second run succeeds even when the program at the same
 path, answering `--version` the same, fails every assembly.
+
+The cache is OUTDIR/.linkfix.cache: every listing of OUTDIR here allows exactly
+the generated files and that one file. Where it lives, parallel runs, failed runs
+and its temporary files: tests/test_genstubs_cache_outdir.py.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "l
            "linkfix.lds",
            "linkfix.json")
 REAL_AS = os.path.realpath(shutil.which("as") or "as")
+CACHE = gencache.CACHE_NAME
 HEAVY = ("keystone", "jinja2", "elftools", "capstone", "tomllib", "multiprocessing",
          "linkfix.spec", "linkfix.render", "linkfix.report", "linkfix.bodycheck")
 
@@ -87,29 +92,52 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 def cache_file(out: Path) -> Path:
-    path = gencache.cache_path(str(out))
-    assert path is not None
-    return Path(path)
+    path = Path(gencache.cache_path(str(out)))
+    assert path.parent == out and path.name == CACHE
+    return path
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def listing(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+WITH_CACHE = sorted([*OUTPUTS, CACHE])
+
+
+def claims_hold(out: Path) -> bool:
+    """The cache is valid, records every output, and each as it is on disk."""
+    record = gencache.load(str(cache_file(out)))
+    return record is not None and set(record.outputs) == set(OUTPUTS) and all(
+        hashlib.sha256((out / n).read_bytes()).hexdigest() == d
+        for n, d in record.outputs.items())
+
+
+def make_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The outputs of tests/specs/x86_64.toml, without the cache."""
     out = tmp_path_factory.mktemp("ref") / "gen"
     ok(gen(SPEC, out, "-q", "--no-cache"))
-    assert not cache_file(out).exists()
+    assert listing(out) == sorted(OUTPUTS)  # --no-cache writes no cache
     return files(out)
 
 
-@pytest.fixture
-def primed(tmp_path: Path, reference: dict[str, bytes]) -> tuple[Gas, Path]:
+def make_primed(tmp_path: Path, reference: dict[str, bytes]) -> tuple[Gas, Path]:
     """An output directory with its cache, written through the logging wrapper."""
     gas = Gas(tmp_path / "bin")
     out = tmp_path / "gen"
     ok(gen(SPEC, out, "-q", gas=gas))
     assert gas.assemblies() == 1 and files(out) == reference
-    assert gencache.load(str(cache_file(out))) is not None
+    assert listing(out) == WITH_CACHE and claims_hold(out)
     return gas, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    return make_reference(tmp_path_factory)
+
+
+@pytest.fixture
+def primed(tmp_path: Path, reference: dict[str, bytes]) -> tuple[Gas, Path]:
+    return make_primed(tmp_path, reference)
 
 
 def test_cached_run_prints_and_writes_what_an_uncached_one_does(
@@ -271,9 +299,15 @@ def test_deleted_or_edited_output_is_regenerated(primed: tuple[Gas, Path],
     assert {n: (out / n).stat().st_mtime_ns for n in OUTPUTS
             if n not in ("linkfix.h", "linkfix_ops.c")} == \
         {n: t for n, t in kept.items() if n not in ("linkfix.h", "linkfix_ops.c")}
-    shutil.rmtree(out)  # `make clean`: the cache next to it still saves the assembling
+    for name in OUTPUTS:  # every generated file gone, the cache left: all regenerated
+        (out / name).unlink()
+    assert listing(out) == [CACHE]
+    proc = ok(gen(SPEC, out, "-v", gas=gas))
+    assert "7 of 7 files updated" in proc.stdout and gas.assemblies() == 0
+    assert files(out) == reference and listing(out) == WITH_CACHE and claims_hold(out)
+    shutil.rmtree(out)  # `make clean` takes the cache with it: everything assembled again
     ok(gen(SPEC, out, "-q", gas=gas))
-    assert gas.assemblies() == 0 and files(out) == reference
+    assert gas.assemblies() == 1 and files(out) == reference and listing(out) == WITH_CACHE
 
 
 def test_no_cache_neither_reads_nor_writes(primed: tuple[Gas, Path],
@@ -285,25 +319,6 @@ def test_no_cache_neither_reads_nor_writes(primed: tuple[Gas, Path],
     assert gas.assemblies() == 1
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
     assert files(out) == reference
-
-
-def test_parallel_runs_into_one_directory(tmp_path: Path, reference: dict[str, bytes]) -> None:
-    gas = Gas(tmp_path / "bin")
-    out = tmp_path / "gen"
-    argv = [sys.executable, "-m", "linkfix", "gen-stubs", str(SPEC), "-o", str(out), "-q"]
-    procs = [subprocess.Popen(argv, env=gas.env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert (p.returncode, stdout, stderr) == (0, "", "")
-    assert files(out) == reference
-    record = gencache.load(str(cache_file(out)))
-    assert record is not None and set(record.outputs) == set(OUTPUTS)
-    assert not [p.name for d in (tmp_path, out) for p in d.iterdir()
-                if p.name.startswith(".linkfix-")]  # no temporary file left
-    gas.assemblies()
-    ok(gen(SPEC, out, "-q", gas=gas))
-    assert gas.assemblies() == 0
 
 
 def test_bad_spec_is_still_one_line(primed: tuple[Gas, Path], tmp_path: Path) -> None:
@@ -320,15 +335,6 @@ def test_bad_spec_is_still_one_line(primed: tuple[Gas, Path], tmp_path: Path) ->
     assert (proc.returncode, proc.stderr) == (2, f"linkfix: {tmp_path / 'missing.toml'}: "
                                                  "spec file not found\n")
     assert path.read_bytes() == before
-
-
-def test_unwritable_cache_place_is_not_an_error(tmp_path: Path,
-                                                reference: dict[str, bytes]) -> None:
-    out = tmp_path / "gen"
-    cache_file(out).mkdir()  # nothing can be renamed over it
-    proc = ok(gen(SPEC, out, "-v"))
-    assert "not written" in proc.stdout
-    assert files(out) == reference
 
 
 # ------------------------------------------------------------------ the key, in-process
