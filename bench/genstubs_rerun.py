@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/genstubs_rerun.py           # 10, 100, 1000 ops; prints the table
     .venv/bin/python bench/genstubs_rerun.py --quick   # fewer repeats
+    .venv/bin/python bench/run.py --only genstubs      # the same, as section 7 of BENCHMARKS.md
 
 The spec with N ops repeats the ops of tests/specs/x86_64.toml (three backends;
 cli/sti, pushf/pop, %gs and RIP-relative stores, whole-call and inline bodies
@@ -9,8 +10,9 @@ with calls and local jumps, an empty body), renamed `<op>_<i>`. Every command
 is a subprocess, process start included; the rounds interleave the commands so
 that a busy machine slows them alike, and each figure is a median.
 
-* *first run*: into a new directory with no cache (everything measured, checked,
-  rendered and written, then the cache written);
+* *first run*: into a new directory, so with no cache (the cache is
+  OUTDIR/.linkfix.cache: everything measured, checked, rendered and written,
+  then the cache written);
 * *re-run, --no-cache*: the same spec into the same directory, ignoring the
   cache: what every re-run cost before the cache;
 * *re-run*: the same again with the cache: nothing assembled or rendered;
@@ -36,12 +38,9 @@ from dataclasses import dataclass, field
 
 from common import BUILD, LOG, PYTHON, ROOT, BenchError, ensure_dir, linkfix_cmd, median
 
-if ROOT not in sys.path:
-    sys.path.insert(1, ROOT)  # the linkfix package, from the checkout (as bench/run.py does)
-
-from linkfix.gencache import cache_path  # noqa: E402
-
 SIZES = (10, 100, 1000)
+HEADING = "## 7. gen-stubs: an unchanged re-run"
+SUMMARY = "gen-stubs, unchanged re-run"  # how its row in the summary begins
 BASE_SPEC = os.path.join(ROOT, "tests", "specs", "x86_64.toml")
 
 
@@ -132,11 +131,8 @@ def _timed(cmd: list[str], env: dict[str, str], log: bool) -> float:
 
 
 def _fresh(out: str) -> None:
-    """No output directory and no cache next to it."""
+    """No output directory, so no cache (it lives in OUTDIR)."""
     shutil.rmtree(out, ignore_errors=True)
-    cache = cache_path(out)
-    if cache and os.path.lexists(cache):
-        os.unlink(cache)
 
 
 def measure(quick: bool) -> RerunResult:
@@ -205,8 +201,38 @@ def markdown(res: RerunResult) -> list[str]:
             f"({py * 1000:.0f} ms), and {big.rerun.median / cli:.1f} times "
             f"`python -c 'import linkfix.cli'` ({cli * 1000:.0f} ms), the least any linkfix "
             "command costs.")
-    out += res.notes
+    if res.notes:
+        out += ["", *res.notes]
     return out
+
+
+def section(res: RerunResult | None, why: str) -> list[str]:
+    """Section 7 of docs/BENCHMARKS.md (bench/report.py)."""
+    out = [HEADING, "",
+           "`bench/genstubs_rerun.py`: `linkfix gen-stubs` on specs of 10, 100 and 1,000 ops "
+           "(tests/specs/x86_64.toml's ops, cycled), each command a whole process. *first "
+           "run*: into a new OUTDIR (no cache: everything assembled, checked, rendered and "
+           "written, then OUTDIR/.linkfix.cache); *re-run, --no-cache*: the same spec again "
+           "without the cache, what every re-run cost before it; *re-run*: the same with the "
+           "cache, which assembles, renders and writes nothing (docs/SPEC.md, \"The cache\").",
+           ""]
+    if res is None:
+        return out + [f"Not measured: {why}", ""]
+    return out + markdown(res) + [""]
+
+
+def summary_row(res: RerunResult | None) -> tuple[str, str, str] | None:
+    """(what, target, measured) for the summary table: the largest spec's re-run
+    against a bare Python start-up (issue 14: "about one Python start-up")."""
+    big = res.sizes[-1] if res is not None and res.sizes else None
+    if big is None or not big.rerun.median or not big.python_start.median:
+        return None
+    r, py = big.rerun.median, big.python_start.median
+    cli = big.import_cli.median
+    return (f"{SUMMARY} of {big.ops:,} ops: time / `python -c pass`",
+            "about one Python start-up (informational)",
+            f"{r / py:.1f}x ({r * 1000:.0f} ms vs {py * 1000:.0f} ms"
+            + (f"; {r / cli:.1f}x `import linkfix.cli`)" if cli else ")"))
 
 
 def main(argv: list[str] | None = None) -> int:

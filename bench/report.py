@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import before
+import genstubs_rerun
 import usersites
 from common import fmt, median, pct
+from genstubs_rerun import RerunResult
 from machine import Machine
 from postlink import (
     INSPECT_FORMATS,
@@ -42,6 +44,7 @@ class Results:
     postlink: PostlinkResult | None = None
     padding: PrefixResult | None = None
     tables: list[ImageTables] = field(default_factory=list)
+    genstubs: RerunResult | None = None
     errors: dict[str, str] = field(default_factory=dict)  # part -> why it did not run
     commands: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -156,6 +159,9 @@ def targets(res: Results) -> list[Target]:
                                   f"per site), {s.sites:,} sites", f">= {TARGET_SPEEDUP:.0f}x",
                                   f"{speed:.1f}x", speed >= TARGET_SPEEDUP))
         out += _inspect_targets(pl)
+    row = genstubs_rerun.summary_row(res.genstubs)
+    if row is not None:
+        out.append(Target(*row, None))
     return out
 
 
@@ -584,7 +590,8 @@ def render(res: Results) -> str:
              "one run; nothing here is edited by hand):", "",
              "    .venv/bin/python bench/run.py", "",
              f"(`{res.command}` produced this copy; `--quick` is a smoke run that writes to "
-             "`build/bench/` instead.)", "",
+             "`build/bench/` instead, and `--only PARTS --merge` redoes those parts' figures "
+             "here, keeping the rest.)", "",
              "![benchmarks](benchmarks.png)", ""]
     lines += _summary(res)
     lines += _machine(res)
@@ -594,6 +601,7 @@ def render(res: Results) -> str:
     lines += _postlink(res)
     lines += _padding(res)
     lines += _tables(res)
+    lines += genstubs_rerun.section(res.genstubs, res.errors.get("genstubs", "not run"))
     lines += _commands(res)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -2,11 +2,14 @@
 
     .venv/bin/python bench/run.py            # the full run (1-2 minutes)
     .venv/bin/python bench/run.py --quick    # smoke run, written to build/bench/
+    .venv/bin/python bench/run.py --only genstubs --merge   # redo one part's figures in
+                                                            # docs/BENCHMARKS.md (mdmerge.py)
 
 Parts: ring0 (sample kernel under QEMU -icount), sites (one site in user
 space, every site shape), pressure (register pressure), postlink (speed of
 `linkfix patch`), padding (what prefixes, NOPs and jumps cost in user space),
-tables (table bytes per site). Installs nothing: it stops with a message if a tool it needs
+tables (table bytes per site), genstubs (gen-stubs' unchanged re-run against a
+first run and a Python start-up). Installs nothing: it stops with a message if a tool it needs
 is missing.
 """
 
@@ -28,7 +31,11 @@ from common import BUILD, ROOT, BenchError, ensure_dir, rel  # noqa: E402
 
 from linkfix.fileio import write_atomic  # noqa: E402
 
-PARTS = ("ring0", "sites", "pressure", "postlink", "padding", "tables")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import report
+
+PARTS = ("ring0", "sites", "pressure", "postlink", "padding", "tables", "genstubs")
 NEEDED_TOOLS = {"gcc": "gcc", "as": "binutils", "objdump": "binutils", "nm": "binutils",
                 "size": "binutils", "taskset": "util-linux", "make": "make"}
 
@@ -58,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", metavar="DIR",
                     help="where BENCHMARKS.md and benchmarks.png go (default: docs/ for a "
                          "full run, build/bench/ otherwise)")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --only: replace those parts' sections, summary rows and "
+                         "commands in the existing BENCHMARKS.md (in --out, default docs/), "
+                         "keeping everything else; the chart is left as it is")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     args = ap.parse_args(argv)
 
@@ -67,18 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         bad = [p for p in parts if p not in PARTS]
         if bad:
             ap.error(f"unknown part(s): {', '.join(bad)}")
+    if args.merge and (not args.only or args.quick):
+        ap.error("--merge needs --only, and merges no --quick figures")
     missing = check_environment()
     if missing:
         for m in missing:
             print(f"bench/run.py: {m}", file=sys.stderr)
         return 2
     partial = args.quick or parts != PARTS
-    out_dir = args.out or (ensure_dir(BUILD) if partial else os.path.join(ROOT, "docs"))
+    out_dir = args.out or (ensure_dir(BUILD) if partial and not args.merge
+                           else os.path.join(ROOT, "docs"))
     common.LOG.verbose = args.verbose
     ensure_dir(BUILD)
 
     # Imported here: they import linkfix, lief and friends.
     import chart
+    import genstubs_rerun
     import machine
     import postlink
     import prefixcost
@@ -137,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     def do_tables() -> None:
         res.tables = tablebytes.measure(args.quick)
 
+    def do_genstubs() -> None:
+        res.genstubs = genstubs_rerun.measure(args.quick)
+
     step("padding", do_padding)
     step("tables", do_tables)
+    step("genstubs", do_genstubs)
     res.elapsed_s = time.monotonic() - t0
     res.commands = common.LOG.commands
 
     md_path = os.path.join(ensure_dir(out_dir), "BENCHMARKS.md")
+    if args.merge:
+        return _merge(md_path, report.render(res), parts, res)
     png_path = os.path.join(out_dir, "benchmarks.png")
     chart.draw(res, png_path + ".tmp.png")
     os.replace(png_path + ".tmp.png", png_path)
@@ -151,6 +172,30 @@ def main(argv: list[str] | None = None) -> int:
     for t in report.targets(res):
         print(f"  {t.what}: {t.measured} (target {t.target}): {report.mark(t.met)}")
     return 1 if res.errors and any(v != "not run (--only)" for v in res.errors.values()) else 0
+
+
+def _merge(md_path: str, text: str, parts: tuple[str, ...], res: report.Results) -> int:
+    """Merge the parts that ran into the BENCHMARKS.md at `md_path` (a failed part is
+    not merged: its old figures stay)."""
+    import mdmerge
+
+    failed = {p: why for p, why in res.errors.items() if p in parts}
+    for p, why in failed.items():
+        print(f"bench: {p}: not merged: {why}", file=sys.stderr)
+    done = tuple(p for p in parts if p not in failed)
+    if not done:
+        return 1
+    try:
+        with open(md_path, encoding="utf-8") as f:
+            old = f.read()
+        merged = mdmerge.merge(old, text, done, res.command)
+    except (OSError, BenchError) as exc:
+        print(f"bench/run.py: cannot merge into {rel(md_path)}: {exc}", file=sys.stderr)
+        return 2
+    write_atomic(md_path, merged.encode())
+    print(f"bench: merged {', '.join(done)} into {rel(md_path)} in {res.elapsed_s:.0f} s "
+          "(the chart is left as it is)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
