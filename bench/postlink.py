@@ -1,6 +1,6 @@
 """Part 4: how fast the post-link pass is.
 
-Synthetic images from tests/synthimage.py (`build_fast`: real linkfix tables,
+Synthetic images from tests/tools/synthimage.py (`build_fast`: real linkfix tables,
 a realistic mix of bodies: cli/sti, pushf/pop, %gs and RIP-relative stores,
 calls, bodies with internal and outgoing jumps, empty bodies, branch sites)
 with 10k, 100k and 1M sites. Each command runs as a subprocess, process start
@@ -83,7 +83,8 @@ class SizeResult:
 class PostlinkResult:
     sizes: list[SizeResult] = field(default_factory=list)
     python_start: Timing = field(default_factory=Timing)
-    import_patch: Timing = field(default_factory=Timing)  # python -c "import linkfix.patch"
+    # python -c "import linkfix.postlink.patch"
+    import_patch: Timing = field(default_factory=Timing)
     import_lief: Timing = field(default_factory=Timing)
     notes: list[str] = field(default_factory=list)
     reps: int = 0
@@ -93,7 +94,7 @@ class PostlinkResult:
 def _source_hash() -> str:
     """Images are cached; rebuild when the generator or the format changes."""
     h = hashlib.sha256()
-    for rel in ("tests/synthimage.py", "linkfix/layout.py", "linkfix/padding.py"):
+    for rel in ("tests/tools/synthimage.py", "linkfix/layout.py", "linkfix/padding.py"):
         with open(os.path.join(ROOT, rel), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
@@ -107,18 +108,19 @@ def image(n: int) -> str:
         for old in os.listdir(out):
             if old.startswith(f"synth_{n}_"):
                 os.unlink(os.path.join(out, old))
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
         try:
-            import synthimage  # tests/synthimage.py
+            import synthimage  # tests/tools/synthimage.py
         except ImportError as exc:
-            raise BenchError(f"tests/synthimage.py: cannot import: {exc}") from None
+            raise BenchError(f"tests/tools/synthimage.py: cannot import: {exc}") from None
         finally:
             sys.path.pop(0)
         tmp = path + ".tmp"
         synthimage.build_fast(tmp, n, 64, seed=1)
         os.replace(tmp, path)
-    LOG.comment(f"{os.path.relpath(path, ROOT)}: tests/synthimage.py build_fast(path, {n}, 64, "
-                "seed=1), cached until the generator or the format changes")
+    LOG.comment(f"{os.path.relpath(path, ROOT)}: tests/tools/synthimage.py "
+                f"build_fast(path, {n}, 64, seed=1), cached until the generator or the format "
+                "changes")
     return path
 
 
@@ -181,7 +183,7 @@ def measure(quick: bool) -> PostlinkResult:
     res.reps, res.reps_big = reps, 3
     out_dir = ensure_dir(os.path.join(BUILD, "postlink"))
     _repeat(res.python_start, [PYTHON, "-c", "pass"], reps)
-    _repeat(res.import_patch, [PYTHON, "-c", "import linkfix.patch"], reps)
+    _repeat(res.import_patch, [PYTHON, "-c", "import linkfix.postlink.patch"], reps)
     _repeat(res.import_lief, [PYTHON, "-c", "import lief"], reps)
     naive_cap = 100_000 if quick else 1_000_000
     for n in sizes:

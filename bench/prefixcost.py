@@ -6,7 +6,7 @@ pinned to one CPU. Shapes: the bare body; the body with k CS prefixes on its
 first instruction (k = 1..6); the body followed by a k-byte long NOP; and, for
 12 to 22 bytes of padding, two long NOPs against one `jmp` over INT3s. The
 cost of a shape is its cycles per site minus the bare body's. linkfix's
-PREFIX_CAP (linkfix/sitefill.py) is the largest k whose prefix cost is within
+PREFIX_CAP (linkfix/stubgen/sitefill.py) is the largest k whose prefix cost is within
 the noise (the spread of the bare body's repeats), and NOP_LIMIT says two NOPs
 are used before a jump.
 

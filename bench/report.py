@@ -28,7 +28,7 @@ from tablebytes import ImageTables
 from tablebytes import markdown as tablebytes_markdown
 from usersites import ArchResult
 
-from linkfix.sitefill import PREFIX_CAP as SITEFILL_CAP  # noqa: E402
+from linkfix.stubgen.sitefill import PREFIX_CAP as SITEFILL_CAP  # noqa: E402
 
 RATIO_TOLERANCE = 0.03  # rdtsc loops pinned to one CPU agree within ~3 % at best
 
@@ -459,7 +459,7 @@ def _pressure_notes(p: PressureResult) -> list[str]:
 
 def _postlink(res: Results) -> list[str]:
     out = ["## 4. The post-link pass", "",
-           "Synthetic x86-64 images from `tests/synthimage.py` (`build_fast`, seed 1): real "
+           "Synthetic x86-64 images from `tests/tools/synthimage.py` (`build_fast`, seed 1): real "
            "linkfix tables with a mix of bodies (cli/sti, pushf/pop, %gs and RIP-relative "
            "stores, calls, bodies with internal and outgoing jumps, empty bodies, branch "
            "sites). Every command is a subprocess, process start included; times are "
@@ -479,7 +479,8 @@ def _postlink(res: Results) -> list[str]:
             ""]
     if pl.python_start.median is not None:
         out += [f"Fixed costs: starting Python (`python -c pass`) "
-                f"{pl.python_start.median * 1000:.0f} ms; `python -c 'import linkfix.patch'` "
+                f"{pl.python_start.median * 1000:.0f} ms; "
+                f"`python -c 'import linkfix.postlink.patch'` "
                 f"{pl.import_patch.median * 1000:.0f} ms; `python -c 'import lief'` "
                 f"{pl.import_lief.median * 1000:.0f} ms. *py floor* is "
                 "`bench/pyloop_floor.py`: a Python loop doing only one `unpack_from` and one "
@@ -566,7 +567,7 @@ def _padding(res: Results) -> list[str]:
            "`bench/prefixcost.py`: 32 copies of one padding shape in an unrolled loop, "
            "cycles per site by rdtsc, pinned to one CPU, medians of 9 runs. `prefixk`: the "
            "body with k redundant CS prefixes; `nopn`: the body then an n-byte long NOP. "
-           "gen-stubs (linkfix/sitefill.py) pads with prefixes first, at most "
+           "gen-stubs (linkfix/stubgen/sitefill.py) pads with prefixes first, at most "
            f"{SITEFILL_CAP} per instruction (the most GNU as itself puts on an "
            "instruction), then with at most two long NOPs, and only past 22 bytes with a "
            "jump over INT3s (the last table: the jump costs more than two NOPs).", ""]

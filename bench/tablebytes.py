@@ -1,7 +1,7 @@
 """Table bytes per site: what the linkfix tables cost in an image.
 
 The sample kernel (both arches, gcc) and a 100,000-site synthetic image from
-tests/synthimage.py: the bytes of each linkfix section, per site, next to
+tests/tools/synthimage.py: the bytes of each linkfix section, per site, next to
 Linux's `struct alt_instr` (14 bytes per alternative: an x86 kernel with n
 alternatives per site spends 14 n bytes of records per site, plus the
 replacement bytes).
@@ -19,7 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import BUILD, ROOT, BenchError, ensure_dir, run  # noqa: E402
 
-from linkfix import image, layout, tables  # noqa: E402
+from linkfix import layout  # noqa: E402
+from linkfix.postlink import (
+    image,
+    tables,  # noqa: E402
+)
 
 LINUX_ALT_INSTR = 14
 SECTIONS = (layout.SITES_SECTION, layout.BRANCHES_SECTION, layout.REPL_SECTION,
@@ -61,7 +65,7 @@ def measure(quick: bool = False) -> list[ImageTables]:
         res.append(describe(f"sample kernel {arch}", os.path.join(out, "vmlinux")))
     n = 10_000 if quick else 100_000
     path = os.path.join(ensure_dir(os.path.join(BUILD, "tables_synth")), f"synth_{n}.elf")
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
     import synthimage
 
     synthimage.build_fast(path, n, 64, seed=1)

@@ -26,10 +26,10 @@ EXIT_INTERRUPTED = 128 + 2
 
 # command name -> module providing `run(args) -> int`
 COMMANDS = {
-    "gen-stubs": "linkfix.genstubs",
-    "patch": "linkfix.patch",
-    "inspect": "linkfix.inspect",
-    "verify": "linkfix.verify",
+    "gen-stubs": "linkfix.stubgen.genstubs",
+    "patch": "linkfix.postlink.patch",
+    "inspect": "linkfix.postlink.inspect",
+    "verify": "linkfix.postlink.verify",
 }
 
 

@@ -17,7 +17,6 @@ EXIT_INTERRUPTED = 128 + 2
 def main() -> int:
     try:
         from linkfix import cli
-
         status = cli.main()
     except KeyboardInterrupt:
         # As cli.stopped(), without needing cli (its import may be what was interrupted).

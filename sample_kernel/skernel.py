@@ -165,9 +165,8 @@ def dumped_sites(output: str) -> dict[int, bytes]:
 
 def file_sites(image: Path) -> dict[int, bytes]:
     """Every site's bytes in an image file, read through linkfix's own tables."""
-    from linkfix import image as lf_image
-    from linkfix import tables
-
+    from linkfix.postlink import image as lf_image
+    from linkfix.postlink import tables
     img = lf_image.load(str(image))
     chk = tables.check_records(tables.load(img))
     out = {}

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import synthimage as si
 
-from linkfix import body, cli, fileio
+from linkfix import cli, fileio
 from linkfix.errors import BadInput
+from linkfix.stubgen import body
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "tests" / "specs" / "x86_64.toml"
@@ -547,12 +548,12 @@ def test_signal_right_after_the_final_rename_is_success(image: Path, patched: by
 def test_signal_while_printing_the_report_is_success(image: Path, patched: bytes,
                                                      tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from linkfix import report
+    from linkfix import progress
 
     def interrupted(*_a: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "finish", interrupted)
+    monkeypatch.setattr(progress, "finish", interrupted)
     assert patch(image, tmp_path / "out")[0] == 0
     assert (tmp_path / "out").read_bytes() == patched
 
@@ -589,8 +590,7 @@ def test_signal_before_the_commit_still_fails(image: Path, tmp_path: Path,
 def test_an_earlier_commit_does_not_excuse_a_later_interrupt(image: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
-    from linkfix import inspect
-
+    from linkfix.postlink import inspect
     assert patch(image, tmp_path / "out")[0] == 0
     assert fileio.outputs_committed()
 

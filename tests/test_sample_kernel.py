@@ -359,8 +359,7 @@ def _owned_bytes(generic: Path) -> tuple[bytearray, int]:
     """
     from elftools.elf.relocation import RelocationSection
 
-    from linkfix import image, tables
-
+    from linkfix.postlink import image, tables
     img = image.load(str(generic))
     t = tables.load(img)
     chk = tables.check_records(t)

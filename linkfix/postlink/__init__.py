@@ -1,0 +1,3 @@
+"""The image side of the pipeline: linked image -> validated tables -> patched image.
+
+See docs/MAP.md for which module owns which concept."""
