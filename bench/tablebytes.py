@@ -109,7 +109,8 @@ def markdown(res: list[ImageTables]) -> list[str]:
         linux = LINUX_ALT_INSTR * (r.alternatives - 1)
         lines.append(f"| {r.name} | {r.op_sites:,} | {r.branch_sites:,} | {records:.2f} | "
                      f"{rest:.2f} | {r.per_site():.2f} | {linux} |")
-    lines += ["", "An op site record is 8 bytes and a branch site record 16, whatever the "
+    lines += ["", f"An op site record is {layout.SITE_REC_SIZE} bytes and a branch site record "
+              f"{layout.BRANCH_REC_SIZE}, whatever the "
               "number of backends; each op's alternatives are stored once "
               "(`.linkfix.repl`), so their cost per site falls as sites are added. Linux "
               "spends 14 bytes of `struct alt_instr` per alternative per site (12 in 6.1), "
