@@ -54,6 +54,7 @@ class SizeResult:
     image_bytes: int
     copy: Timing = field(default_factory=Timing)
     patch: Timing = field(default_factory=Timing)
+    patch_lief: Timing = field(default_factory=Timing)  # LINKFIX_ELF_READER=lief
     naive: Timing = field(default_factory=Timing)
     naive_full: Timing = field(default_factory=Timing)  # lief + capstone per site
     naive_full_verify: str = "not run"
@@ -198,6 +199,12 @@ def measure(quick: bool) -> PostlinkResult:
                     3 if big else reps)
         except BenchError as exc:
             res.notes.append(f"`linkfix patch` failed on {n} sites: {exc}")
+        try:  # the same command reading the image with lief (docs/READER.md)
+            _repeat(r.patch_lief, ["env", "LINKFIX_ELF_READER=lief",
+                                   *linkfix_cmd("patch", img, "-o", out, "--target", "native",
+                                                "-q")], 3 if big else reps)
+        except BenchError as exc:
+            res.notes.append(f"`linkfix patch` with the lief reader failed on {n} sites: {exc}")
         if r.patch.seconds:
             try:
                 timed(linkfix_cmd("verify", out, "--target", "native", "-q"))

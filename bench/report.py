@@ -144,6 +144,11 @@ def targets(res: Results) -> list[Target]:
         else:
             out.append(Target("`linkfix patch`, 1,000,000 sites, end to end",
                               f"<= {TARGET_1M_S:.1f} s", "-", None))
+        if big is not None and big.patch_lief.median is not None:
+            out.append(Target("`linkfix patch`, 1,000,000 sites, lief reading the image "
+                              "(`LINKFIX_ELF_READER=lief`)", f"<= {TARGET_1M_S:.1f} s",
+                              f"{big.patch_lief.median:.2f} s",
+                              big.patch_lief.median <= TARGET_1M_S))
         for s in pl.sizes:
             naive = s.naive.median or s.naive_extrapolated
             if s.patch.median and naive:
@@ -494,7 +499,7 @@ def _postlink(res: Results) -> list[str]:
             naive = s.naive_extrapolated
         p = s.patch.median
         rows.append([f"{s.sites:,}", f"{s.image_bytes / 1e6:.1f}", fmt(s.copy.median, 3),
-                     fmt(s.pyfloor.median, 3), fmt(p, 3),
+                     fmt(s.pyfloor.median, 3), fmt(p, 3), fmt(s.patch_lief.median, 3),
                      f"{s.patch.peak_kb / 1024:.0f}" if s.patch.peak_kb else "-",
                      f"{s.sites / p:,.0f}" if p else "-", label,
                      f"{s.naive.peak_kb / 1024:.0f}" if s.naive.peak_kb else "-",
@@ -502,7 +507,8 @@ def _postlink(res: Results) -> list[str]:
                      fmt(s.naive_full.median, 2),
                      f"{s.naive_full.median / p:.1f}x" if p and s.naive_full.median else "-",
                      s.naive_full_verify, s.verify])
-    out += _table(["sites", "image MB", "cp s", "py floor s", "linkfix patch s", "peak MB",
+    out += _table(["sites", "image MB", "cp s", "py floor s", "linkfix patch s",
+                   "with lief s", "peak MB",
                    "sites/s", "naive lief s", "naive peak MB", "speed-up", "naive complete s",
                    "speed-up", "naive ok", "verify"], rows)
     out.append("")
