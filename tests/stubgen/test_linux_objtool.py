@@ -46,7 +46,7 @@ USES_C = r"""
 #include "linkfix.h"
 
 unsigned long model_cr2, model_cr3;
-int model_calls, counter;
+int model_calls, lf_test_counter;
 noinstr void model_irq_disable(void) { model_calls++; }
 noinstr void model_irq_enable(void) { model_calls++; }
 noinstr unsigned long model_save_fl(void) { return 0x200; }
@@ -56,24 +56,24 @@ void model_halt(void) { model_calls++; }
 unsigned long model_read_cr3(void) { return model_cr3; }
 void model_write_cr3(unsigned long v) { model_cr3 = v; }
 
-noinstr unsigned long entry_like(void)
+noinstr unsigned long lf_test_entry(void)
 {
 	unsigned long flags = lf_save_fl();
 
 	lf_irq_disable();
-	counter += lf_read_cr2() != 0;
+	lf_test_counter += lf_read_cr2() != 0;
 	lf_restore_fl(flags);
 	return flags;
 }
 
-void plain(unsigned long v)
+void lf_test_plain(unsigned long v)
 {
 	unsigned long flags = lf_save_fl();
 
 	lf_irq_disable();
 	lf_write_cr3(lf_read_cr3() + v);
 	if (linkfix_backend_is(model))
-		counter++;
+		lf_test_counter++;
 	lf_restore_fl(flags);
 	lf_irq_enable();
 	lf_safe_halt();
@@ -85,14 +85,14 @@ USES_S = r"""
 #include <linux/linkage.h>
 #include <asm/frame.h>
 #include "linkfix_asm.h"
-SYM_FUNC_START(asm_user)
+SYM_FUNC_START(lf_test_asm)
 	FRAME_BEGIN
 	LINKFIX_irq_disable
 	LINKFIX_save_fl rax
 	LINKFIX_read_cr2 rax
 	FRAME_END
 	RET
-SYM_FUNC_END(asm_user)
+SYM_FUNC_END(lf_test_asm)
 """
 
 FREESTANDING_USES_C = USES_C.replace("lf_", "").replace("linkfix_backend_is(model)",
@@ -182,6 +182,24 @@ def test_objtool_sees_every_alternative(config_b) -> None:  # type: ignore[no-un
     assert len(got.sites) == 12 and len(got.branches) == 1
 
 
+def test_objtool_whole_kernel_same_warnings(config_b, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """vmlinux.o of the config B build directory, linked as Kbuild links it, with and
+    without the objects: objtool's warnings are the same."""
+    build_dir = linuxtree.build_dir("B")
+    assert build_dir is not None
+    if not (build_dir / "vmlinux.a").is_file():
+        pytest.skip(f"{build_dir} has no vmlinux.a (not built)")
+    _models, objs, _proc, _linked, _tmp = config_b
+    out = {}
+    for name, extra in (("without", []), ("with", [str(o) for o in objs])):
+        vmlinux_o = tmp_path / f"vmlinux-{name}.o"
+        _ok(["ld", "-m", "elf_x86_64", "-z", "noexecstack", "-r", "-o", str(vmlinux_o),
+             "--whole-archive", "vmlinux.a", "--no-whole-archive", *extra], build_dir)
+        r = _run([str(linuxtree.objtool()), *linuxtree.OBJTOOL_B, str(vmlinux_o)], tmp_path)
+        out[name] = (r.stdout + r.stderr).replace(str(vmlinux_o), "vmlinux.o")
+    assert out["with"] == out["without"]
+
+
 def _orc(linked: Path, tmp: Path) -> dict[tuple[str, int], str]:
     """objtool --dump=orc: (section, offset) -> "sp:sp+16 bp:(und) ..."."""
     r = _run([str(linuxtree.objtool()), "--dump=orc", str(linked)], tmp)
@@ -264,7 +282,7 @@ def test_config_c_without_call_constraint(tmp_path: Path) -> None:
 
 IMAGE_LDS = """
 #include "linkfix.lds.h"
-ENTRY(plain)
+ENTRY(lf_test_plain)
 SECTIONS
 {
 	. = 0xffffffff81000000;

@@ -32,8 +32,8 @@ CONFIG_B_ENABLE = ("64BIT PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE EARLY_PRINT
 CONFIG_B_DISABLE = ("UNWINDER_GUESS",)
 
 # objtool's command line in each config (scripts/Makefile.lib, scripts/Makefile.vmlinux_o).
-OBJTOOL_B = ("--ibt", "--orc", "--retpoline", "--rethunk", "--static-call", "--uaccess",
-             "--noinstr", "--unret", "--link")
+OBJTOOL_B = ("--hacks=jump_label", "--hacks=noinstr", "--ibt", "--orc", "--retpoline",
+             "--rethunk", "--static-call", "--uaccess", "--noinstr", "--unret", "--link")
 OBJTOOL_C = ("--hacks=jump_label", "--hacks=noinstr", "--stackval", "--static-call",
              "--uaccess")
 
