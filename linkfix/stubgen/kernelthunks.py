@@ -18,6 +18,8 @@ arch/x86 assembly is in Linux 6.1, so that objtool (`--ibt --orc --retpoline
   thunk included): it compares linkfix_current_backend with each backend and calls
   that backend's ops-table function directly, so objtool also checks that every
   function it may reach is noinstr;
+* `EXPORT_SYMBOL` (<asm/export.h>) for each: a module's sites and alternatives
+  call them;
 * the 4 bytes before each function are a NOP marked ANNOTATE_NOENDBR. A stored
   copy of a `call f` (in .linkfix.repl) and the header's recorded target of that
   call are data relocations to `f - 4` (R_X86_64_PLT32/PC64 with addend -4, which
@@ -39,7 +41,8 @@ if TYPE_CHECKING:
     from linkfix.stubgen.opmodel import OpModel
     from linkfix.stubgen.spec import Spec
 
-HEADERS = ("linux/linkage.h", "linux/objtool.h", "asm/frame.h", "asm/nospec-branch.h")
+HEADERS = ("linux/linkage.h", "linux/objtool.h", "asm/export.h", "asm/frame.h",
+           "asm/nospec-branch.h")
 
 
 @dataclass(frozen=True)
