@@ -4,11 +4,11 @@ The source is Debian's linux-source-6.1, unpacked at LINKFIX_LINUX_SRC (default
 ~/.cache/linkfix-linux/src/linux-source-6.1). A configured and prepared build
 directory (`make O=... prepare`) supplies include/generated and the exact gcc
 command line Kbuild uses (from arch/x86/kernel/.asm-offsets.s.cmd): for config B
-LINKFIX_LINUX_BUILD_B, else ~/.cache/linkfix-linux/build/B-baseline, else one this
-module configures and prepares under the test cache (tinyconfig plus the options of
-config B, a few minutes once); config C (frame pointers) only from an existing
-build directory. objtool is built from the tree into the test cache (out of tree:
-the source is only read).
+(or C, frame pointers) LINKFIX_LINUX_BUILD_B (_C), prepared there if it is not yet,
+else ~/.cache/linkfix-linux/build/B-baseline (C-baseline), else one this module
+configures and prepares under the test cache (tinyconfig plus the config's options,
+a few minutes once). objtool is built from the tree into the test cache (out of
+tree: the source is only read).
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ BUILDS = HOME_CACHE / "linkfix-linux" / "build"
 TEST_CACHE = HOME_CACHE / "linkfix-test"
 OFFSETS_CMD = Path("arch/x86/kernel/.asm-offsets.s.cmd")
 
-# Config A then B of the trial (/work/shared/notes/linux-trial.md; integrations/linux).
-CONFIG_B_ENABLE = ("64BIT PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE EARLY_PRINTK "
-                   "UNWINDER_ORC CPU_MITIGATIONS RETPOLINE RETHUNK CPU_UNRET_ENTRY CPU_SRSO "
-                   "X86_KERNEL_IBT RELOCATABLE RANDOMIZE_BASE DEBUG_ENTRY").split()
-CONFIG_B_DISABLE = ("UNWINDER_GUESS",)
+# Config A of the trial (/work/shared/notes/linux-trial.md), then B and C.
+CONFIG_A = "64BIT PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE EARLY_PRINTK MODULES".split()
+CONFIGS = {
+    "B": ([*CONFIG_A, *("UNWINDER_ORC CPU_MITIGATIONS RETPOLINE RETHUNK CPU_UNRET_ENTRY "
+                        "CPU_SRSO X86_KERNEL_IBT RELOCATABLE RANDOMIZE_BASE DEBUG_ENTRY").split()],
+          ["UNWINDER_GUESS"]),
+    "C": ([*CONFIG_A, "UNWINDER_FRAME_POINTER", "STACK_VALIDATION"], ["UNWINDER_GUESS"]),
+}
 
 # objtool's command line in each config (scripts/Makefile.lib, scripts/Makefile.vmlinux_o).
 OBJTOOL_B = ("--hacks=jump_label", "--hacks=noinstr", "--ibt", "--orc", "--retpoline",
@@ -51,28 +54,45 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
         raise RuntimeError(f"{shlex.join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-4000:]}")
 
 
-def build_dir(config: str) -> Path | None:
-    """A prepared build directory for config "B" or "C" (None: C is not available)."""
+def _usable(build: Path) -> bool:
+    """Prepared, and its source tree (named in its Makefile) still there."""
+    if not (build / OFFSETS_CMD).is_file():
+        return False
+    first = (build / "Makefile").read_text().splitlines()[1:2]
+    src = first[0].removeprefix("include ").removesuffix("/Makefile") if first else ""
+    return Path(src, "Makefile").is_file()
+
+
+def build_dir(config: str) -> Path:
+    """A prepared build directory for config "B" or "C": LINKFIX_LINUX_BUILD_<config>
+    (prepared there if it is not yet), else <config>-baseline of the Linux cache, else
+    one prepared under the test cache."""
     env = os.environ.get(f"LINKFIX_LINUX_BUILD_{config}")
-    for cand in ([Path(env)] if env else []) + [BUILDS / f"{config}-baseline"]:
-        if (cand / OFFSETS_CMD).is_file():
-            return cand
-    if config != "B":
-        return None
-    own = TEST_CACHE / "linux-prepared-B"
-    if not (own / OFFSETS_CMD).is_file():
-        own.mkdir(parents=True, exist_ok=True)
-        make = ["nice", "-n", "10", "make", "-s", "-C", str(SRC), f"O={own}", "-j2"]
-        _run([*make, "tinyconfig"])
-        cfg = [str(SRC / "scripts" / "config"), "--file", str(own / ".config")]
-        for opt in CONFIG_B_ENABLE:
-            cfg += ["-e", opt]
-        for opt in CONFIG_B_DISABLE:
-            cfg += ["-d", opt]
-        _run(cfg)
-        _run([*make, "olddefconfig"])
-        _run([*make, "prepare"])
-    return own
+    if env:
+        return _prepare(Path(env), config)
+    baseline = BUILDS / f"{config}-baseline"
+    if _usable(baseline):
+        return baseline
+    return _prepare(TEST_CACHE / f"linux-prepared-{config}", config)
+
+
+def _prepare(build: Path, config: str) -> Path:
+    """`make O=build tinyconfig`, the config's options, olddefconfig, prepare (once)."""
+    if _usable(build):
+        return build
+    build.mkdir(parents=True, exist_ok=True)
+    make = ["nice", "-n", "10", "make", "-s", "-C", str(SRC), f"O={build}", "-j2"]
+    _run([*make, "tinyconfig"])
+    enable, disable = CONFIGS[config]
+    cfg = [str(SRC / "scripts" / "config"), "--file", str(build / ".config")]
+    for opt in enable:
+        cfg += ["-e", opt]
+    for opt in disable:
+        cfg += ["-d", opt]
+    _run(cfg)
+    _run([*make, "olddefconfig"])
+    _run([*make, "prepare"])
+    return build
 
 
 def flags(build: Path) -> tuple[list[str], list[str]]:
