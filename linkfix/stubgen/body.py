@@ -147,14 +147,15 @@ def is_branch(statement: str) -> bool:
     return mnemonic.startswith(("j", "loop")) or mnemonic == "xbegin"
 
 
-def parse(arch: Arch, op: Op, backend: str) -> Body:
-    """Classify and rewrite one body of `op`."""
+def parse(arch: Arch, op: Op, backend: str, always_thunks: bool = False) -> Body:
+    """Classify and rewrite one body of `op`. A call goes through a callee-save thunk,
+    or straight to the function when there is nothing to save and not `always_thunks`."""
     source = op.bodies[backend]
     statements = split_statements(source)
     if not statements:
         return Body(backend, KIND_EMPTY, source, (), None, (), False)
     callee = whole_call_target(source)
-    direct = not saved_regs(arch, op)
+    direct = not saved_regs(arch, op) and not always_thunks
     if callee is not None:
         target = callee if direct else thunk_name(op.name, backend)
         return Body(backend, KIND_CALL, source, (f"call {target}",), callee, (), False)

@@ -16,6 +16,7 @@ from linkfix.stubgen import cnames
 
 if TYPE_CHECKING:  # types only: linkfix.spec imports this module
     from linkfix.arch import Arch
+    from linkfix.stubgen.profile import Profile
     from linkfix.stubgen.spec import Op
 
 NAMES_MAX = 0xFFFF  # names_size in the image header is a u16
@@ -44,11 +45,12 @@ def _op_type_names(op: Op) -> set[str]:
             for t in cnames.type_names(ctype)}
 
 
-def call_targets(ck, ops: tuple[Op, ...], backends: tuple[str, ...]) -> None:
+def call_targets(ck, ops: tuple[Op, ...], backends: tuple[str, ...], prof: Profile) -> None:
     """Every callee must be a usable link symbol; a C function named by whole-call
-    bodies gets one prototype, so their signatures must agree."""
+    bodies gets one prototype, so their signatures must agree. An op's C function is
+    its name after the spec's prefix."""
     seen: dict[str, Op] = {}
-    op_names = {op.name for op in ops}
+    op_names = {prof.c_name(op.name) for op in ops}
     type_names = {t for op in ops for t in _op_type_names(op)}
     for op in ops:
         for b, text in op.bodies.items():
@@ -56,7 +58,8 @@ def call_targets(ck, ops: tuple[Op, ...], backends: tuple[str, ...]) -> None:
             for fn in [whole] if whole else inner:
                 problem = cnames.callee_problem(fn)
                 if problem is None and fn in op_names:
-                    problem = "is an op (a site, not a function)"
+                    problem = ("is an op (a site, not a function)" if not prof.prefix else
+                               f"is the C function of an op (prefix '{prof.prefix}')")
                 if problem is None and fn in type_names:
                     problem = "is a type name in the spec"
                 if problem:
@@ -89,18 +92,26 @@ def declared_calls(ck, ops: tuple[Op, ...]) -> None:
                               "prototype would conflict)", op=op.name, fld=f"calls.{fn}")
 
 
-def generated_names(ck, arch: Arch, ops: tuple[Op, ...],
-                           backends: tuple[str, ...]) -> None:
-    """Names linkfix builds from spec names must not meet: C names against the spec's
-    type names, GAS macros (case-insensitive) against each other and linkfix's
-    macros, and the thunk and body symbols, which join names with '_'."""
+def generated_names(ck, arch: Arch, ops: tuple[Op, ...], backends: tuple[str, ...],
+                    prof: Profile) -> None:
+    """Names linkfix builds from spec names must not meet: C names (after the prefix)
+    against the C rules and the spec's type names, GAS macros (case-insensitive)
+    against each other and linkfix's macros, and the thunk and body symbols, which
+    join names with '_'."""
     type_names = {t for op in ops for t in _op_type_names(op)}
     own_macros = {*cnames.OWN_MACROS, *(f"BACKEND_{b}" for b in backends),
                   *(f"BACKEND_{b.upper()}" for b in backends)}
     macro_of: dict[str, str] = {cnames.GAS_HELPER: "LINKFIX__need, linkfix_asm.h's helper"}
     for op in ops:
-        if op.name in type_names:
-            raise ck.fail("the op name is also a type name in the spec (the op's C function "
+        c_name = prof.c_name(op.name)
+        if prof.prefix:
+            problem = cnames.c_name_problem(c_name)
+            if problem:
+                raise ck.fail(f"its C function '{c_name}' (prefix '{prof.prefix}') {problem}",
+                              op=op.name)
+        if c_name in type_names:
+            what = "the op name" if not prof.prefix else f"its C function '{c_name}'"
+            raise ck.fail(f"{what} is also a type name in the spec (the op's C function "
                           "would redeclare it)", op=op.name)
         if op.name in own_macros:
             raise ck.fail(f"its GAS macro LINKFIX_{op.name} would be spelled like one of "
@@ -119,10 +130,10 @@ def generated_names(ck, arch: Arch, ops: tuple[Op, ...],
                 raise ck.fail(f"parameter '{arg.name}' is also a type name in this op's "
                               f"signature (C would read the type as the parameter)",
                               op=op.name, fld="args")
-    _symbols(ck, arch, ops)
+    _symbols(ck, arch, ops, prof.linux)
 
 
-def _symbols(ck, arch: Arch, ops: tuple[Op, ...]) -> None:
+def _symbols(ck, arch: Arch, ops: tuple[Op, ...], always_thunks: bool) -> None:
     """The thunk and body symbols the whole spec generates must be distinct: op `f`
     with backend `b_c` and op `f_b` with backend `c` both give `__lf_body_f_b_c`."""
     from linkfix.stubgen.body import saved_regs  # here: linkfix.body imports this module
@@ -134,7 +145,9 @@ def _symbols(ck, arch: Arch, ops: tuple[Op, ...]) -> None:
         made: list[tuple[str, tuple[str, ...], str | None, str]] = [
             (f"__lf_dispatch_{op.name}", ("dispatch", op.name), None,
              f"op '{op.name}' (its dispatch thunk)")]
-        thunks = bool(saved_regs(arch, op))  # no registers to save: direct calls, no thunks
+        # No registers to save: direct calls, no thunks (but the linux profile always
+        # calls through a thunk: kernelthunks.py).
+        thunks = always_thunks or bool(saved_regs(arch, op))
         for b, text in op.bodies.items():
             whole, inner = body_calls(text)
             where = f"op '{op.name}', backend '{b}'"

@@ -58,7 +58,7 @@ def generate(spec_path: str, raw: bytes | None = None, cache: Probe | None = Non
         parsed[op.name] = {}
         for backend in op.bodies:
             try:
-                body = bodymod.parse(arch, op, backend)
+                body = bodymod.parse(arch, op, backend, spec.profile.linux)
             except bodymod.BodyError as exc:
                 raise BadInput(spec_path, f"op '{op.name}': backend '{backend}': {exc}") from None
             parsed[op.name][backend] = body
@@ -92,6 +92,10 @@ def generate(spec_path: str, raw: bytes | None = None, cache: Probe | None = Non
         models.append(opmodel.build_op(
             spec, op, parsed[op.name],
             {b: measured[(op.name, b)] for b in parsed[op.name]}, fields))
+        if spec.profile.linux:
+            from linkfix.stubgen import kernelsite
+
+            kernelsite.check(spec, models[-1])
     return spec, models, render.render_all(spec, models)
 
 

@@ -96,6 +96,7 @@ class OpModel:
     measured: dict[str, Measured]
     thunks: tuple[Thunk, ...]
     table: dict[str, str]  # backend -> symbol in the ops table
+    stack_alt: int = 0  # the inline alternative whose stack depth changes inside the site
 
     def repl_label(self, k: int) -> str:
         return f"__lf_repl_{self.op.name}_{k}"
@@ -127,7 +128,10 @@ def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Me
              checked: dict[str, Checked]) -> OpModel:
     """`checked`: per backend, its body's relocated fields and where the link points them."""
     budget = site_budget(spec, op, measured)
-    inline_lens = [measured[b].length for b in bodies if measured[b].length <= budget]
+    # The linux profile keeps inline only what objtool accepts in an alternative.
+    forced = _forced_ool(spec, bodies, measured, checked, budget)
+    inline_lens = [measured[b].length for b in bodies
+                   if measured[b].length <= budget and b not in forced]
     site_len = max(5, *inline_lens) if inline_lens else 5
     call_at = (1, 4, layout.Link(True, expr=f"{dispatch_name(op.name)}-4"))
     generic_pad = sitefill.nop_fill(site_len - 5)
@@ -136,21 +140,22 @@ def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Me
                 sitefill.count_insns(generic_pad), 1)]
     thunks: dict[str, Thunk] = {}
     saved = saved_regs(spec.arch, op)
+    thunked = bool(saved) or spec.profile.linux  # body.parse made the calls go to thunks
     for k, backend in enumerate(spec.backends, start=1):
         body = bodies.get(backend)
         if body is None:
             alts.append(Alt(k, backend, "none", 0))
             continue
-        if body.kind == KIND_CALL and saved:
+        if body.kind == KIND_CALL and thunked:
             assert body.callee is not None
             name = body.statements[0].split()[1]
             thunks.setdefault(name, Thunk(name, body.callee))
-        if body.kind == KIND_INLINE and saved:
+        if body.kind == KIND_INLINE and thunked:
             for sym in body.inner_calls:
                 name = f"__lf_thunk_{op.name}_{sym}"
                 thunks.setdefault(name, Thunk(name, sym))
         alts.append(_alternative(spec, op, k, backend, body, measured[backend],
-                                 checked[backend], site_len))
+                                 checked[backend], site_len, backend in forced))
 
     table: dict[str, str] = {}
     for backend in spec.backends:
@@ -158,15 +163,36 @@ def build_op(spec: Spec, op: Op, bodies: dict[str, Body], measured: dict[str, Me
         b = bodies[src]
         table[backend] = b.callee if b.kind == KIND_CALL and b.callee else \
             body_fn_name(op.name, src)
+    stack_alt = next((a.k for a in alts if a.how == "inline" and checked[a.name].pushes), 0)
     return OpModel(op=op, site_len=site_len, budget=budget, pad=generic_pad,
                    clobbers=site_clobbers(spec.arch, op), saved=saved, alts=tuple(alts),
                    bodies=bodies, measured=measured, thunks=tuple(thunks.values()),
-                   table=table)
+                   table=table, stack_alt=stack_alt)
+
+
+def _forced_ool(spec: Spec, bodies: dict[str, Body], measured: dict[str, Measured],
+                checked: dict[str, Checked], budget: int) -> set[str]:
+    """Backends whose body the linux profile runs out of line whatever its length: a
+    relocated field objtool refuses in an alternative (kernelsite.alt_problem), or a
+    second body that moves the stack pointer inside the site. objtool 6.1 keeps the
+    unwind data inside a site of one alternative only, the last (kernelsite.py): the
+    default backend's body keeps the site if it is one of them, else the first."""
+    if not spec.profile.linux:
+        return set()
+    from linkfix.stubgen import kernelsite  # only for the linux profile
+
+    forced = {b for b in bodies if measured[b].length and kernelsite.alt_problem(
+        measured[b].code, tuple(checked[b].masked)) is not None}
+    order = [spec.default_backend, *(b for b in spec.backends if b != spec.default_backend)]
+    moving = [b for b in order if b in bodies and b not in forced
+              and 0 < measured[b].length <= budget and checked[b].pushes]
+    return forced | set(moving[1:])
 
 
 def _alternative(spec: Spec, op: Op, k: int, backend: str, body: Body, meas: Measured,
-                 chk: Checked, site_len: int) -> Alt:
-    """Backend k's body finished to the site: inline with padding, or out of line."""
+                 chk: Checked, site_len: int, forced: bool = False) -> Alt:
+    """Backend k's body finished to the site: inline with padding, or out of line
+    (longer than the site, or `forced` by the linux profile)."""
     fields = tuple(zip((p for p, _n in chk.masked), (n for _p, n in chk.masked), chk.links,
                        strict=True))
     if body.kind == KIND_EMPTY or meas.length == 0:
@@ -175,12 +201,19 @@ def _alternative(spec: Spec, op: Op, k: int, backend: str, body: Body, meas: Mea
                    sitefill.count_insns(fill))
     flags = layout.FLAG_PRESENT | (layout.FLAG_CALL if body.kind == KIND_CALL else 0)
     n_insns = len(decode(spec.arch, meas.code))
-    if meas.length <= site_len:
+    if meas.length <= site_len and not forced:
         code, fields, body_len, pad_insns = sitefill.finish(spec.arch, meas.code, fields,
                                                             site_len)
         return Alt(k, backend, "call" if body.kind == KIND_CALL else "inline", flags, code,
                    fields, body_len, pad_insns, n_insns)
     problem = sitefill.ool_problem(spec.arch, meas.code)
+    if problem is not None and forced:
+        from linkfix.stubgen import kernelsite
+
+        why = kernelsite.alt_problem(meas.code, tuple(chk.masked))
+        raise BadInput(spec.path, f"op '{op.name}': backend '{backend}': profile linux: "
+                                  f"{why}, so the body must run out of line, and it cannot "
+                                  f"({problem})")
     if problem is not None:
         raise BadInput(spec.path, f"op '{op.name}': backend '{backend}': its {meas.length}-"
                                   f"byte body is longer than the {site_len}-byte site and "

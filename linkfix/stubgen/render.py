@@ -15,6 +15,7 @@ from pathlib import Path
 
 from linkfix import layout
 from linkfix.padding import NOPS
+from linkfix.stubgen import kernelsite
 from linkfix.stubgen.body import KIND_CALL, KIND_INLINE, is_label, rename_labels
 from linkfix.stubgen.opmodel import CALL_FIELD, OpModel, body_fn_name, dispatch_name
 from linkfix.stubgen.sitetext import (
@@ -28,10 +29,12 @@ from linkfix.stubgen.spec import IDENT, Op, Spec
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 LDSCRIPT = Path(__file__).resolve().parents[2] / "ldscripts" / "linkfix.lds"
+LDS_HEADER = LDSCRIPT.with_name("linkfix.lds.h")  # the linux profile's cpp fragment
 FORMAT_VERSION = layout.VERSION
 
 OUTPUTS = ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c", "linkfix_boot.c",
            "linkfix.lds", "linkfix.json")
+LINUX_OUTPUTS = (*OUTPUTS[:6], "linkfix.lds.h", OUTPUTS[6])
 
 
 # ------------------------------------------------------------------ C functions
@@ -78,9 +81,13 @@ def c_function(spec: Spec, m: OpModel) -> CFunction:
         outs.insert(0, f'"=a" ({result})')
         clobber_regs = [r for r in clobber_regs if r != arch.ret_reg]
     clobbers = ", ".join([*(f'"{r}"' for r in clobber_regs), '"memory"', '"cc"'])
+    if spec.profile.call_constraint is not None:
+        outs.append(spec.profile.call_constraint)  # ASM_CALL_CONSTRAINT: the site calls
     lines = op_site_lines(m, "%=", c_asm_escape)
+    if spec.profile.linux:
+        lines += kernelsite.op_site_lines(spec, m, "%=")
     return CFunction(
-        name=op.name,
+        name=spec.profile.c_name(op.name),
         ret=op.returns or "void",
         params=_params(op),
         temps=tuple(temps),
@@ -186,7 +193,10 @@ def gas_macro_lines(spec: Spec, m: OpModel) -> list[str]:
     if not checks:
         # Nothing to check, but the parameter is used (clang warns about one that is not).
         checks = ["\t.ifnb \\clobbers", "\t.endif"]
-    return checks + op_site_lines(m, "\\@", lambda s: s)
+    lines = checks + op_site_lines(m, "\\@", lambda s: s)
+    if spec.profile.linux:
+        lines += kernelsite.op_site_lines(spec, m, "\\@")
+    return lines
 
 
 # ------------------------------------------------------------------ meta, manifest
@@ -246,6 +256,8 @@ def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-ar
             "generic": _trade(m, 0),
             "bodies": bodies,
             "ops_table": m.table,
+            **({"c_function": spec.profile.c_name(m.op.name)} if spec.profile.prefix else {}),
+            **({"noinstr": True} if m.op.noinstr else {}),
         })
     n = len(spec.ops)
     branches = [{"name": layout.branch_op_name(b), "index": n + k - 1, "backend": b,
@@ -262,6 +274,7 @@ def manifest(spec: Spec, models: list[OpModel]) -> dict:  # type: ignore[type-ar
         "branch_rec_size": layout.BRANCH_REC_SIZE,
         "ops": ops,
         "branch_ops": branches,
+        **spec.profile.canonical(),
     }
 
 
@@ -312,7 +325,7 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         "prototypes": prototypes(spec, models),
         "inner_callees": inner_callees(models, {p.name for p in prototypes(spec, models)}),
         "regparm": arch.elf_class == 32,
-        "branches": [(k, b, b.upper(), [c_string(x) for x in branch_site_lines(spec, k)])
+        "branches": [(k, b, b.upper(), [c_string(x) for x in _branch_lines(spec, k)])
                      for k, b in enumerate(spec.backends, start=1)],
         "thunks": thunk_functions(spec, models),
         "body_functions": body_functions(models),
@@ -324,10 +337,31 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name in ("linkfix.h", "linkfix_asm.h", "linkfix_thunks.S", "linkfix_ops.c",
                  "linkfix_boot.c"):
-        out[name] = env.get_template(name + ".j2").render(ctx).encode()
+        template = name + ".j2"
+        if spec.profile.linux and name == "linkfix_thunks.S":
+            template = "linkfix_thunks_linux.S.j2"
+            ctx.update(_kernel_thunks(spec, models))
+        out[name] = env.get_template(template).render(ctx).encode()
     out["linkfix.lds"] = LDSCRIPT.read_bytes()
+    if spec.profile.linux:
+        out["linkfix.lds.h"] = LDS_HEADER.read_bytes()
     out["linkfix.json"] = (json.dumps(manifest(spec, models), indent=2) + "\n").encode()
     return out
+
+
+def _branch_lines(spec: Spec, k: int) -> list[str]:
+    lines = branch_site_lines(spec, k)
+    return lines + kernelsite.branch_site_lines(spec) if spec.profile.linux else lines
+
+
+def _kernel_thunks(spec: Spec, models: list[OpModel]) -> dict[str, object]:
+    """The linux profile's linkfix_thunks.S: headers and functions by section."""
+    from linkfix.stubgen import kernelthunks
+
+    fns = kernelthunks.functions(spec, models)
+    sections = [(name, [f for f in fns if f.noinstr == noinstr])
+                for name, noinstr in ((".text", False), ('.noinstr.text, "ax"', True))]
+    return {"headers": kernelthunks.HEADERS, "sections": [s for s in sections if s[1]]}
 
 
 @dataclass(frozen=True)

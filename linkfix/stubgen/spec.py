@@ -17,12 +17,14 @@ from typing import Any
 from linkfix.arch import ARCHES, Arch
 from linkfix.errors import BadInput
 from linkfix.fileio import read_regular
-from linkfix.stubgen import cnames, crosscheck, ctype
+from linkfix.stubgen import cnames, crosscheck, ctype, profile
 from linkfix.stubgen.cnames import IDENT
 from linkfix.stubgen.crosscheck import whole_call_target  # noqa: F401 - part of this module's API
+from linkfix.stubgen.profile import Profile
 
-LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes", "site_budget")
-OP_FIELDS = ("args", "returns", "clobbers", "bodies", "calls", "site_budget")
+LINKFIX_FIELDS = ("arch", "backends", "default_backend", "includes", "site_budget", "profile",
+                  "prefix", "call_constraint")
+OP_FIELDS = ("args", "returns", "clobbers", "bodies", "calls", "site_budget", "noinstr")
 
 @dataclass(frozen=True)
 class Arg:
@@ -42,6 +44,7 @@ class Op:
     calls: dict[str, tuple[str | None, tuple[Arg, ...]]] = field(default_factory=dict,
                                                                  hash=False)
     site_budget: int | None = None  # longest body kept inline (None: the spec's rule)
+    noinstr: bool = False  # linux profile: its thunks and bodies go into .noinstr.text
 
     def signature_key(self) -> tuple[str | None, tuple[str, ...]]:
         return self.returns, tuple(a.ctype for a in self.args)
@@ -56,6 +59,7 @@ class Spec:
     includes: tuple[str, ...]
     ops: tuple[Op, ...]
     site_budget: int | None = None  # spec-wide default of the ops' site_budget
+    profile: Profile = field(default_factory=Profile)
 
     def backend_index(self, name: str) -> int:
         """1-based index of a backend (0 is the generic alternative)."""
@@ -78,10 +82,12 @@ class Spec:
                                   for fn, (ret, args) in op.calls.items()}}
                        if op.calls else {}),
                     **({"site_budget": op.site_budget} if op.site_budget is not None else {}),
+                    **({"noinstr": True} if op.noinstr else {}),
                 }
                 for op in self.ops
             ],
             **({"site_budget": self.site_budget} if self.site_budget is not None else {}),
+            **self.profile.canonical(),
         }
 
     def spec_hash(self) -> int:
@@ -177,6 +183,7 @@ def validate(data: dict[str, Any], path: str) -> Spec:
         raise ck.fail(f"unknown arch {arch_name!r} (expected one of: {', '.join(ARCHES)})",
                       fld="linkfix.arch")
     arch = ARCHES[arch_name]
+    prof = profile.load(ck, head, arch)
 
     backends = _backends(ck, head.get("backends"))
     names_size = crosscheck.backend_names_size(ck, backends)
@@ -196,16 +203,17 @@ def validate(data: dict[str, Any], path: str) -> Spec:
     if len(ops_table) + len(backends) > 0xFFFF:
         raise ck.fail("too many ops for the 16-bit op index")
     ops = tuple(
-        _op(ck, arch, backends, name, body, index)
+        _op(ck, arch, prof, backends, name, body, index)
         for index, (name, body) in enumerate(ops_table.items())
     )
-    crosscheck.call_targets(ck, ops, backends)
+    crosscheck.call_targets(ck, ops, backends, prof)
     crosscheck.declared_calls(ck, ops)
-    crosscheck.generated_names(ck, arch, ops, backends)
+    crosscheck.generated_names(ck, arch, ops, backends, prof)
     crosscheck.names_size(ck, ops, names_size)
     return Spec(path=path, arch=arch, backends=backends, default_backend=default,
                 includes=tuple(includes), ops=ops,
-                site_budget=_budget(ck, head.get("site_budget"), None, "linkfix.site_budget"))
+                site_budget=_budget(ck, head.get("site_budget"), None, "linkfix.site_budget"),
+                profile=prof)
 
 
 def _budget(ck: _Checker, value: Any, op: str | None, fld: str) -> int | None:
@@ -243,8 +251,8 @@ def _backends(ck: _Checker, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: Any,
-        index: int) -> Op:
+def _op(ck: _Checker, arch: Arch, prof: Profile, backends: tuple[str, ...], name: str,
+        table: Any, index: int) -> Op:
     problem = cnames.c_name_problem(name)
     if problem:
         raise ck.fail(f"the op name {problem}", op=name)
@@ -287,7 +295,8 @@ def _op(ck: _Checker, arch: Arch, backends: tuple[str, ...], name: str, table: A
     calls = _calls(ck, arch, name, table.get("calls", {}), ordered)
     return Op(name=name, index=index, args=args, returns=returns, clobbers=clobbers,
               bodies=ordered, calls=calls,
-              site_budget=_budget(ck, table.get("site_budget"), name, "site_budget"))
+              site_budget=_budget(ck, table.get("site_budget"), name, "site_budget"),
+              noinstr=profile.op_noinstr(ck, prof, name, table.get("noinstr")))
 
 
 def _calls(ck: _Checker, arch: Arch, op: str, value: Any, bodies: dict[str, str]

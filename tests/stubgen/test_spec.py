@@ -48,10 +48,10 @@ BAD = [
     ("unknown-op-field", HEAD + OK_OP + "[ops.save_fl]\nreturn = \"unsigned long\"\n"
      "[ops.save_fl.bodies]\nnative = \"pushf; pop %rax\"\n",
      "op 'save_fl': field 'return': unknown field (expected one of: args, returns, clobbers, "
-     "bodies, calls, site_budget)"),
+     "bodies, calls, site_budget, noinstr)"),
     ("unknown-linkfix-field", HEAD.replace("[linkfix]", "[linkfix]\nbackend = \"x\"") + OK_OP,
      "field 'linkfix.backend': unknown field (expected one of: arch, backends, "
-     "default_backend, includes, site_budget)"),
+     "default_backend, includes, site_budget, profile, prefix, call_constraint)"),
     ("site-budget-small", HEAD + "[ops.irq_disable]\nsite_budget = 4\n" + OK_OP,
      "op 'irq_disable': field 'site_budget': must be a whole number of bytes from 5 to 255"),
     ("site-budget-type", HEAD.replace("[linkfix]", "[linkfix]\nsite_budget = \"8\"") + OK_OP,
