@@ -245,7 +245,7 @@ def test_records_match_sites(stubs, tmp_path: Path) -> None:
         assert img.symbols["__linkfix_meta_start"] == mbase
         fixed = layout.META_FIXED.unpack_from(meta)
         magic, version, machine, n_ops, n_backends, recsize, names_size, spec_hash = fixed[:8]
-        assert magic == layout.MAGIC and version == layout.VERSION == 3
+        assert magic == layout.MAGIC and version == layout.VERSION == 4
         assert machine == (62 if arch == "x86_64" else 3)
         assert (n_ops, n_backends, recsize) == (10, 3, 8)
         assert spec_hash == int(manifest["spec_hash"], 16)
