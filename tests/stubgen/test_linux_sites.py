@@ -228,3 +228,26 @@ def test_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(BadInput) as exc:
         gen(tmp_path, text)
     assert exc.value.message == message
+
+
+def test_eight_outputs_and_the_cache(tmp_path: Path) -> None:
+    """The linux profile writes linkfix.lds.h too; an unchanged re-run serves it from the
+    cache like the rest."""
+    import os
+    import sys
+
+    from linkfix.stubgen.gencache import CACHE_NAME
+    from linkfix.stubgen.render import LINUX_OUTPUTS
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(root))
+    runs = [subprocess.run([sys.executable, "-m", "linkfix", "gen-stubs", str(SPEC), "-o",
+                            str(out)], capture_output=True, text=True, env=env)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert "8 of 8 files updated" in runs[0].stdout
+    assert "0 of 8 files updated" in runs[1].stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted([*LINUX_OUTPUTS, CACHE_NAME])
+    assert (out / "linkfix.lds.h").read_bytes() == (root / "ldscripts" /
+                                                     "linkfix.lds.h").read_bytes()
