@@ -20,7 +20,8 @@ Each op site and branch site carries, besides its linkfix record:
   (check.c, handle_group_alt), so only the last record's instructions reach the
   ORC table inside the site: the alternative that moves the stack pointer there
   (`pushf; pop %rax`) is emitted last, and opmodel.py lets at most one per op stay
-  inline.
+  inline; no other alternative may start an instruction where it has pushed
+  something (check()), since the table has one entry per address.
 
 What an alternative may hold follows from that: objtool accepts a relocation in a
 replacement only on its first instruction, and only for a call or jump
@@ -75,9 +76,60 @@ def nop_run(code: bytes) -> int | None:
     return None
 
 
+def depths(code: bytes) -> dict[int, int]:
+    """Bytes pushed when each reachable instruction of a site copy starts, by offset."""
+    from capstone import CS_GRP_CALL, CS_GRP_JUMP
+    from capstone.x86 import X86_INS_JMP
+
+    from linkfix.arch import X86_64
+    from linkfix.stubgen.insn import branch_target, instruction_rules, is_relative
+
+    rules = instruction_rules()
+    insns = {i.address: i for i in decode(X86_64, code)}
+    seen: dict[int, int] = {}
+    todo = [(0, 0)]
+    while todo:
+        off, depth = todo.pop()
+        if off in seen or off not in insns:  # visited, or the end of the copy
+            continue
+        seen[off] = depth
+        insn = insns[off]
+        after = depth + 8 * ((insn.id in rules.push) - (insn.id in rules.pop))
+        jump = insn.group(CS_GRP_JUMP) or (is_relative(insn) and not insn.group(CS_GRP_CALL))
+        if jump:
+            todo.append((branch_target(insn), after))
+        if not (jump and insn.id == X86_INS_JMP):
+            todo.append((off + insn.size, after))
+    return seen
+
+
+def _stack_conflict(m: OpModel) -> str | None:
+    """Why the alternatives' unwind data cannot share the site, or None: an instruction
+    of one alternative starts where the stack-moving one has pushed something. The ORC
+    table has one entry per address, and objtool takes it from the stack-moving one."""
+    if not m.stack_alt:
+        return None
+    mover = m.alts[m.stack_alt]
+    moved = {off: d for off, d in depths(mover.code).items() if d}
+    for a in m.alts:
+        if a.present and a.k != mover.k:
+            for off, d in sorted(depths(a.code).items()):
+                if off in moved and moved[off] != d:
+                    return (f"alternatives '{mover.name}' and '{a.name}' both have an "
+                            f"instruction at offset {off} of the site, where '{mover.name}' "
+                            f"has pushed {moved[off]} bytes: one ORC entry cannot describe "
+                            f"both; change one of the bodies (or the site length: "
+                            f"site_budget)")
+    return None
+
+
 def check(spec: Spec, m: OpModel) -> None:
-    """Refuse a site the kernel would rewrite or reject."""
+    """Refuse a site the kernel would rewrite or reject, or whose unwind data cannot be
+    right for every alternative."""
     op = m.op.name
+    conflict = _stack_conflict(m)
+    if conflict is not None:
+        raise BadInput(spec.path, f"op '{op}': profile linux: {conflict}")
     if m.site_len > MAX_PATCH_LEN:
         raise BadInput(spec.path, f"op '{op}': profile linux: its {m.site_len}-byte site is "
                                   f"longer than the kernel's alternatives allow "

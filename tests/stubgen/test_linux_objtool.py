@@ -289,23 +289,43 @@ SECTIONS
 	/DISCARD/ : { *(.discard) *(.discard.*) *(.note.GNU-stack) }
 }
 """
+def _link_and_patch(linked: Path, tmp_path: Path, target: str) -> Path:
+    """vmlinux from an objtool-processed object (LINKFIX_TABLES from ldscripts/), then
+    `linkfix patch --target` and `verify`."""
+    (tmp_path / "image.lds.S").write_text(IMAGE_LDS)
+    _ok(["cpp", "-P", "-D__ASSEMBLY__", "-DLINKER_SCRIPT", f"-I{ROOT / 'ldscripts'}",
+         "image.lds.S", "-o", "image.lds"], tmp_path)
+    vmlinux = tmp_path / "vmlinux"
+    if not vmlinux.exists():
+        _ok(["ld", "-m", "elf_x86_64", "--emit-relocs", "-T", "image.lds", "-o",
+             str(vmlinux), str(linked)], tmp_path)
+    dest = tmp_path / f"vmlinux.{target}"
+    for argv in (["patch", str(vmlinux), "-o", str(dest), "--target", target],
+                 ["verify", str(dest), "--target", target]):
+        r = subprocess.run([sys.executable, "-m", "linkfix", *argv], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr
+    return dest
+
+
 def test_patched_image_orc_describes_every_site(config_b, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """vmlinux from the objtool-processed object, patched for each target: `verify`
     agrees, and at every instruction of every site the ORC entry in force has the
-    stack as deep as the site's own pushes make it (the ORC checker of issue 10)."""
-    _models, _objs, _proc, linked, tmp = config_b
-    (tmp_path / "image.lds.S").write_text(IMAGE_LDS)
-    _ok(["cpp", "-P", "-D__ASSEMBLY__", "-DLINKER_SCRIPT", f"-I{tmp / 'out'}",
-         "image.lds.S", "-o", "image.lds"], tmp_path)
-    vmlinux = tmp_path / "vmlinux"
-    _ok(["ld", "-m", "elf_x86_64", "--emit-relocs", "-T", "image.lds", "-o", str(vmlinux),
-         str(linked)], tmp_path)
+    stack as deep as the site's own pushes make it (tests/tools/orccheck.py)."""
+    linked = config_b[3]
     for target in ("native", "model", "generic"):
-        dest = tmp_path / f"vmlinux.{target}"
-        for argv in (["patch", str(vmlinux), "-o", str(dest), "--target", target],
-                     ["verify", str(dest), "--target", target]):
-            r = subprocess.run([sys.executable, "-m", "linkfix", *argv], capture_output=True,
-                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-            assert r.returncode == 0, r.stderr
-        sites, n, problems = orccheck.check(str(dest))
+        sites, n, problems = orccheck.check(str(_link_and_patch(linked, tmp_path, target)))
         assert problems == [] and sites == 12 + 3 + 1 and n > sites, target  # op + branch
+
+
+def test_orc_control_freestanding_profile(tmp_path: Path) -> None:
+    """The control: without the alternatives (freestanding profile) every patched
+    `pushf; pop %rax` has a stale ORC entry at its `pop`, as in the trial."""
+    spec = _freestanding_spec(tmp_path)
+    models, objs = build(tmp_path, spec, FREESTANDING_USES_C.replace("noinstr ", ""), "B",
+                         with_asm=False)
+    _proc, linked = objtool_b(tmp_path, objs)
+    _sites, _n, problems = orccheck.check(str(_link_and_patch(linked, tmp_path, "native")))
+    save_fl = next(m for m in models if m.op.name == "save_fl")
+    pop_at = decode(X86_64, save_fl.alts[1].code)[1].address
+    assert len(problems) == 2 and all(p.insn == p.site + pop_at for p in problems)

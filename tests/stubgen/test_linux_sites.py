@@ -125,6 +125,17 @@ def test_alt_instr_records(built, obj: str) -> None:  # type: ignore[no-untyped-
     assert not by_site  # no record for anything but a site
 
 
+def test_depths() -> None:
+    """Bytes pushed at each reachable instruction of a copy, along its branches."""
+    pushf_pop = bytes.fromhex("2e2e9c2e58")
+    assert kernelsite.depths(pushf_pop) == {0: 0, 3: 8}
+    # push %rax; test %edi,%edi; jz 1f; pop %rax; jmp 2f; 1: pop %rax; 2: (and a NOP)
+    branchy = bytes.fromhex("5085ff740358eb01580f1f00")
+    assert kernelsite.depths(branchy) == {0: 0, 1: 8, 3: 8, 5: 8, 6: 0, 8: 8, 9: 0}
+    # a jump over INT3 padding: the INT3s are not reached
+    assert kernelsite.depths(bytes.fromhex("fa" "eb03cccccc")) == {0: 0, 1: 0}
+
+
 def test_no_nop_runs_in_any_copy(built) -> None:  # type: ignore[no-untyped-def]
     for m in built[0]:
         for a in m.alts:
@@ -215,6 +226,11 @@ REFUSED = [
      "op 'f': backend 'native': profile linux: the site holds two one-byte NOPs (0x90) at "
      "offset 4, which the kernel's optimize_nops() would rewrite at boot; use one longer "
      "NOP (nopw, nopl) in the body"),
+    ("stack-conflict", '[ops.f]\nreturns = "long"\n[ops.f.bodies]\nnative = "pushf; pop %rax"\n'
+     'model = "xor %eax, %eax; cli"\n',
+     "op 'f': profile linux: alternatives 'native' and 'model' both have an instruction at "
+     "offset 3 of the site, where 'native' has pushed 8 bytes: one ORC entry cannot describe "
+     "both; change one of the bodies (or the site length: site_budget)"),
     ("site-too-long", '[ops.f]\nreturns = "long"\nsite_budget = 255\n[ops.f.bodies]\n'
      'native = "' + "; ".join(["mov %cr2, %rax"] * 85) + '"\n',
      "op 'f': profile linux: its 255-byte site is longer than the kernel's alternatives "
@@ -228,3 +244,26 @@ def test_refused(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(BadInput) as exc:
         gen(tmp_path, text)
     assert exc.value.message == message
+
+
+def test_eight_outputs_and_the_cache(tmp_path: Path) -> None:
+    """The linux profile writes linkfix.lds.h too; an unchanged re-run serves it from the
+    cache like the rest."""
+    import os
+    import sys
+
+    from linkfix.stubgen.gencache import CACHE_NAME
+    from linkfix.stubgen.render import LINUX_OUTPUTS
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(root))
+    runs = [subprocess.run([sys.executable, "-m", "linkfix", "gen-stubs", str(SPEC), "-o",
+                            str(out)], capture_output=True, text=True, env=env)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert "8 of 8 files updated" in runs[0].stdout
+    assert "0 of 8 files updated" in runs[1].stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted([*LINUX_OUTPUTS, CACHE_NAME])
+    assert (out / "linkfix.lds.h").read_bytes() == (root / "ldscripts" /
+                                                     "linkfix.lds.h").read_bytes()
