@@ -118,7 +118,7 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
     res["objtool"] = {"warnings": warn, "baseline": base["warnings"],
                       "equal": warn == base["warnings"]}
     res["verify"] = run_cmd([*lf, "verify", "--target", target, str(vml)])
-    res["orccheck"] = run_cmd([sys.executable if not args.python else args.python,
+    res["orccheck"] = run_cmd(["env", f"PYTHONPATH={ROOT}", args.python or default_python(),
                                str(ROOT / "tests" / "tools" / "orccheck.py"), str(vml)])
     m = re.search(r"(\d+) sites, (\d+) instructions, (\d+) ORC differences",
                   "\n".join(res["orccheck"]["output"]))
