@@ -105,6 +105,26 @@ def table_bytes(sec: dict, base: dict) -> dict:
             "alt_growth": alt, "init_total": sum(lf.values()) + sum(alt.values())}
 
 
+def final_link_time(b: kbuild.Build, out: Path) -> dict:
+    """Time the last ld of link-vmlinux.sh again (vmlinux.o, the export and version
+    objects, the second kallsyms object), as .vmlinux.cmd gives its flags."""
+    bd = b.builddir
+    cmd = (bd / ".vmlinux.cmd").read_text().split("\n", 1)[0].split(":=", 1)[1]
+    argv = shlex.split(cmd.split(";", 1)[0])
+    ld, kbuild_ldflags, ldflags_vmlinux = argv[1], argv[2], argv[3]
+    objs = ["vmlinux.o", ".vmlinux.export.o", "init/version-timestamp.o"]
+    full = [*shlex.split(ld), *shlex.split(kbuild_ldflags), *shlex.split(ldflags_vmlinux),
+            "--script=arch/x86/kernel/vmlinux.lds", "-o", str(out), "--whole-archive",
+            *[o for o in objs if (bd / o).is_file()], "--no-whole-archive",
+            ".tmp_vmlinux.kallsyms2.o"]
+    t0 = time.monotonic()
+    r = subprocess.run(full, cwd=bd, capture_output=True, text=True)
+    res = {"command": shlex.join(full), "rc": r.returncode,
+           "seconds": round(time.monotonic() - t0, 3)}
+    out.unlink(missing_ok=True)
+    return res
+
+
 def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) -> dict:
     changed = set_target(b, target)
     res: dict = {"target": target, "retargeted": changed}
@@ -133,6 +153,7 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
         res["patch_native"] = run_cmd([*lf, "patch", "-q", "--target", "native", "-o",
                                        str(keep / "vmlinux.native"), str(vml)])
         (keep / "vmlinux.native").unlink(missing_ok=True)
+        res["final_link"] = final_link_time(b, keep / "vmlinux.ld")
     res["sites"] = sites_per_op(lf, vml)
     kos = [] if args.no_modules else kbuild.build_modules(b, sorted(
         p for p in (HERE / "modules").iterdir() if p.is_dir()))
@@ -223,7 +244,8 @@ def figures(s: dict) -> str:
     g = s["targets"].get("generic", {})
     if "patch_native" in g:
         out.append(f"`linkfix patch --target native` of the generic vmlinux: "
-                   f"{g['patch_native']['seconds']} s.")
+                   f"{g['patch_native']['seconds']} s; the final `ld` of vmlinux again: "
+                   f"{g.get('final_link', {}).get('seconds')} s.")
     if "noop_make" in s:
         n = s["noop_make"]
         out.append(f"No-op make: {n['make_wall_s']} s, vmlinux unchanged: "
