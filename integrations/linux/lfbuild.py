@@ -97,6 +97,16 @@ def sites_per_op(lf: list[str], vmlinux: Path) -> dict:
     return json.loads(r.stdout)
 
 
+def function_bytes(vmlinux: Path) -> int:
+    """The sizes of every function symbol (nm t/T). In config B .text's section size
+    does not move: SRSO places srso_alias_untrain_ret and the return thunk at fixed
+    alignments, and the padding before them absorbs the growth."""
+    r = subprocess.run(["nm", "-S", "--defined-only", str(vmlinux)], capture_output=True,
+                       text=True, check=True)
+    return sum(int(p[1], 16) for p in (ln.split() for ln in r.stdout.splitlines())
+               if len(p) == 4 and p[2] in ("t", "T"))
+
+
 def table_bytes(sec: dict, base: dict) -> dict:
     lf = {k: v for k, v in sec.items() if k.startswith(".linkfix.")}
     alt = {k: sec.get(k, 0) - base.get(k, 0)
@@ -148,6 +158,9 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
     res["text_bytes"] = sec.get(".text")
     res["text_growth"] = None if base["text"] is None else sec.get(".text", 0) - base["text"]
     res["tables"] = table_bytes(sec, base["sizes"])
+    res["function_bytes"] = function_bytes(vml)
+    res["function_growth"] = None if base["functions"] is None else \
+        res["function_bytes"] - base["functions"]
     if target == "generic":
         # linkfix patch's time against the relink: patch a copy of the generic image
         res["patch_native"] = run_cmd([*lf, "patch", "-q", "--target", "native", "-o",
@@ -189,7 +202,8 @@ def run_config(c: str, args) -> dict:
         if (bout / "objtool-warnings.txt").is_file() else None
     bvml = cache / "build" / f"{c}-baseline" / "vmlinux"
     base = {"warnings": bwarn, "text": bsum.get("text_bytes"),
-            "sizes": kbuild.sizes(bvml) if bvml.is_file() else {}}
+            "sizes": kbuild.sizes(bvml) if bvml.is_file() else {},
+            "functions": function_bytes(bvml) if bvml.is_file() else None}
     summary: dict = {"config": c, "srctree": str(tree), "builddir": str(b.builddir),
                      "series": [p.name for p in sorted(series.PATCHES.glob("*.patch"))],
                      "baseline": {"objtool_warnings": bwarn, "text_bytes": base["text"]},
@@ -223,7 +237,7 @@ def figures(s: dict) -> str:
     """The summary as the Markdown tables of docs/LINUX.md and README.md."""
     out = [f"Config {s['config']}, series of {len(s['series'])} patches.", "",
            "| target | make wall (s) | objtool warnings (baseline) | verify | ORC checker "
-           "| .text growth (bytes) | boots |", "|---|---|---|---|---|---|---|"]
+           "| .text / function bytes growth | boots |", "|---|---|---|---|---|---|---|"]
     for t, r in s["targets"].items():
         o = r["orccheck"]
         boots = "; ".join(
@@ -233,7 +247,8 @@ def figures(s: dict) -> str:
                    f"({len(r['objtool']['baseline'] or [])}, "
                    f"{'equal' if r['objtool']['equal'] else 'DIFFERENT'}) "
                    f"| rc {r['verify']['rc']} | {o['sites']} sites, {o['instructions']} "
-                   f"instructions, {o['problems']} problems | {r['text_growth']} | {boots} |")
+                   f"instructions, {o['problems']} problems | {r['text_growth']} / "
+                   f"{r.get('function_growth')} | {boots} |")
     any_t = next(iter(s["targets"].values()))
     sites = any_t["sites"]
     out += ["", "Sites per op: `" + json.dumps(sites.get("ops", sites))[:1500] + "`", ""]
