@@ -55,6 +55,7 @@ def linkfix_argv(python: str) -> list[str]:
 
 def set_target(b: kbuild.Build, target: str) -> bool:
     """Select CONFIG_LINKFIX_TARGET_<target> in b's .config; True if it changed."""
+    kbuild.ensure_config(b)  # a fresh build tree: tinyconfig + the config's options
     cfg = kbuild.read_config(b.builddir / ".config")
     if cfg.get(f"CONFIG_LINKFIX_TARGET_{target.upper()}") == "y":
         return False
