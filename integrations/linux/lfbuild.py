@@ -136,6 +136,16 @@ def final_link_time(b: kbuild.Build, out: Path) -> dict:
     return res
 
 
+def orccheck(vml: Path) -> dict:
+    res = run_cmd(["env", f"PYTHONPATH={ROOT}", default_python(),
+                   str(ROOT / "tests" / "tools" / "orccheck.py"), str(vml)])
+    m = re.search(r"(\d+) sites, (\d+) instructions, (\d+) ORC differences",
+                  "\n".join(res["output"]))
+    res["sites"], res["instructions"], res["problems"] = \
+        (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (None, None, None)
+    return res
+
+
 def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) -> dict:
     changed = set_target(b, target)
     res: dict = {"target": target, "retargeted": changed}
@@ -149,12 +159,11 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
     res["objtool"] = {"warnings": warn, "baseline": base["warnings"],
                       "equal": warn == base["warnings"]}
     res["verify"] = run_cmd([*lf, "verify", "--target", target, str(vml)])
-    res["orccheck"] = run_cmd(["env", f"PYTHONPATH={ROOT}", args.python or default_python(),
-                               str(ROOT / "tests" / "tools" / "orccheck.py"), str(vml)])
-    m = re.search(r"(\d+) sites, (\d+) instructions, (\d+) ORC differences",
-                  "\n".join(res["orccheck"]["output"]))
-    res["orccheck"]["sites"], res["orccheck"]["instructions"], res["orccheck"]["problems"] = \
-        (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else (None, None, None)
+    if ".orc_unwind" not in kbuild.sizes(vml):
+        res["orccheck"] = {"skipped": "no ORC in this config (frame pointers)",
+                           "problems": 0, "sites": None, "instructions": None}
+    else:
+        res["orccheck"] = orccheck(vml)
     sec = kbuild.sizes(vml)
     res["text_bytes"] = sec.get(".text")
     res["text_growth"] = None if base["text"] is None else sec.get(".text", 0) - base["text"]
