@@ -10,8 +10,10 @@ child (wait4's rusage, through GNU time: see `timed`).
 `linkfix inspect` is measured on the same images, as text and as `--jsonl`
 (stdout to /dev/null), against two targets: at most INSPECT_TIME_X times
 `linkfix patch`'s time and INSPECT_MEMORY_X times the image's size in peak
-memory. Beside it, *validate* is the floor inspect shares with patch: reading
-the image and validating its records, nothing else.
+memory. Beside it, *validate* is the floor inspect stands on: reading the image
+as inspect does (mapped, each page handed back once read) and validating its
+records, nothing else (patch validates the same way, from the image read into
+memory).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ INSPECT_TIME_X = 10.0  # inspect's time / patch's, same image
 INSPECT_MEMORY_X = 3.0  # inspect's peak RSS / the image's size
 INSPECT_FORMATS = (("text", ()), ("jsonl", ("--jsonl",)))
 VALIDATE = ("import sys; from linkfix import image, tables; "
-            "tables.check_records(tables.load(image.load(sys.argv[1])))")
+            "tables.check_records(tables.load(image.load(sys.argv[1], mapped=True)))")
 NAIVE = os.path.join(BENCH, "naive_lief.py")
 NAIVE_FULL = os.path.join(BENCH, "naive_capstone.py")
 PYFLOOR = os.path.join(BENCH, "pyloop_floor.py")

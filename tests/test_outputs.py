@@ -549,7 +549,6 @@ def test_signal_while_printing_the_report_is_success(image: Path, patched: bytes
                                                      tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from linkfix import progress
-
     def interrupted(*_a: object) -> None:
         raise KeyboardInterrupt
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import shutil
@@ -231,7 +230,8 @@ def run_config(c: str, args) -> dict:
     summary["noop_make"] = {**noop, "vmlinux_unchanged": vml.stat().st_mtime_ns == before,
                             "relinked": bool(re.search(r"^  LD      vmlinux$", log, re.M)),
                             "repatched": "LINKFIX vmlinux" in log}
-    ok = summary["noop_make"]["vmlinux_unchanged"] and all(r["objtool"]["equal"] and r["verify"]["rc"] == 0
+    ok = summary["noop_make"]["vmlinux_unchanged"] and all(
+             r["objtool"]["equal"] and r["verify"]["rc"] == 0
              and r["orccheck"]["problems"] == 0
              and all(x["result"] == "pass" for x in r["boots"].values())
              for r in summary["targets"].values())

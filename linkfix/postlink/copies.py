@@ -18,30 +18,33 @@ about it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from linkfix import layout
 from linkfix.errors import BadInput
 from linkfix.postlink import fixups
 from linkfix.postlink.image import Image
 
 
-@dataclass(frozen=True)
 class Copy:
     """What a site of op `op` holds when patched to alternative `k`.
 
     `code` is the site's bytes with every PC-relative field as stored; at a site
     at address s the field at `pos` holds `target - s - pos` (`pcrel`), and the
     absolute fields hold what the copy holds. A branch op's jumps have no copy:
-    `per_site` says the field's target comes from the site's record.
+    `per_site` says the field's target comes from the site's record. (A plain
+    class, read-only by convention: a dataclass costs a millisecond at every start.)
     """
 
-    op: int
-    k: int
-    addr: int | None
-    code: bytes
-    pcrel: tuple[tuple[int, int], ...]  # (pos, target) of every 32-bit PC-relative field
-    per_site: bool = False  # a branch site's jump: e9 + the record's target
+    __slots__ = ("op", "k", "addr", "code", "pcrel", "per_site")
+
+    def __init__(self, op: int, k: int, addr: int | None, code: bytes,
+                 pcrel: tuple[tuple[int, int], ...], per_site: bool = False) -> None:
+        self.op, self.k, self.addr, self.code = op, k, addr, code
+        self.pcrel = pcrel  # (pos, target) of every 32-bit PC-relative field
+        self.per_site = per_site  # a branch site's jump: e9 + the record's target
+
+    def __repr__(self) -> str:
+        return f"Copy(op={self.op}, k={self.k}, addr={self.addr}, code={self.code!r}, " \
+               f"pcrel={self.pcrel}, per_site={self.per_site})"
 
     @property
     def length(self) -> int:
@@ -160,8 +163,15 @@ def _fields_by_decoding(img: Image, meta: layout.Meta, op: int, k: int, code: by
                  if link.pcrel and link.target is not None)
 
 
-def _operand_fields(code: bytes, bits: int) -> set[tuple[int, int]]:
-    """(pos, size) of every immediate and displacement field of the decoded copy."""
+_OPERANDS: dict[tuple[int, bytes], frozenset[tuple[int, int]]] = {}
+
+
+def _operand_fields(code: bytes, bits: int) -> frozenset[tuple[int, int]]:
+    """(pos, size) of every immediate and displacement field of the decoded copy
+    (decoded once per distinct copy: ops often share a body)."""
+    got = _OPERANDS.get((bits, code))
+    if got is not None:
+        return got
     cs = fixups.disassembler(bits)
     out: set[tuple[int, int]] = set()
     for ins in cs.disasm(code, 0):  # type: ignore[attr-defined]
@@ -169,4 +179,5 @@ def _operand_fields(code: bytes, bits: int) -> set[tuple[int, int]]:
             out.add((ins.address + ins.imm_offset, ins.imm_size))
         if ins.disp_size:
             out.add((ins.address + ins.disp_offset, ins.disp_size))
-    return out
+    got = _OPERANDS[(bits, code)] = frozenset(out)
+    return got

@@ -16,11 +16,12 @@ which a kernel sets to its load address).
 
 from __future__ import annotations
 
-import bisect
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from linkfix.errors import BadInput
 from linkfix.fileio import map_regular, read_regular
@@ -46,9 +47,14 @@ from linkfix.postlink.elfraw import (  # noqa: F401 - the names of ELF constants
     Section,
     Segment,
     Symbol,
+    SymbolTable,
     read_raw,
+    sym_struct,
 )
 from linkfix.postlink.elfrelocs import Reloc
+
+if TYPE_CHECKING:
+    from linkfix.postlink.symindex import CodeSymbols
 
 READER_ENV = "LINKFIX_ELF_READER"
 READERS = ("lief", "hand")
@@ -123,6 +129,10 @@ class Image:
         )
         self.sections = elf.sections
         self._symbol_source = elf.symbols
+        self._symtab = elf.symtab
+        if elf.symtab is not None:  # checked, and its strings copied: hand its pages back
+            for sec in (elf.symtab.sec, elf.symtab.strs):
+                self.release(sec.offset, sec.size)
         self._by_name: dict[str, Section] = {}
         for s in self.sections:
             self._by_name.setdefault(s.name, s)
@@ -225,35 +235,43 @@ class Image:
         if "symbols" in self.__dict__:
             return next((s.value for s in self.symbols if s.name == name and s.shndx != 0),
                         None)
+        if self.reader == "hand" and self._symtab is not None:
+            return _table_value(self, self._symtab, self._st_names, name)
         return self._symbol_source.value(name)
 
     @cached_property
-    def _code_symbols(self) -> tuple[list[int], list[Symbol]]:
+    def _st_names(self) -> bytes:
+        """Every symbol's st_name (read once: the tables need 8 names)."""
+        assert self._symtab is not None
+        return _st_names(self, self._symtab)
+
+    @cached_property
+    def _code_symbols(self) -> CodeSymbols:
         # Functions and plain labels with an address, sorted; used to name sites.
-        syms = sorted(
-            (s for s in self.symbols
-             if s.name and s.shndx != 0 and s.type in (0, 1, 2) and s.value),
-            key=lambda s: (s.value, s.type != 2, s.name),
-        )
-        return [s.value for s in syms], syms
+        from linkfix.postlink import symindex
+        if self.reader == "hand" and self._symtab is not None:
+            return symindex.CodeSymbols.from_table(self, self._symtab)
+        return symindex.CodeSymbols.from_symbols(self.symbols)
+
+    def index_symbols(self) -> None:
+        """Make the index `symbolize` reads now: it sorts the symbols, which takes
+        memory for a moment, better spent before anything else is held."""
+        self._code_symbols  # noqa: B018 - a cached property
 
     def symbolize(self, vaddr: int) -> str | None:
         """`name+0xoff` for the nearest symbol at or below `vaddr`."""
-        values, syms = self._code_symbols
-        i = bisect.bisect_right(values, vaddr) - 1
-        if i < 0:
-            return None
-        # Several symbols may share the address: prefer a sized function symbol.
-        best = syms[i]
-        j = i
-        while j >= 0 and values[j] == values[i]:
-            if syms[j].type == 2:
-                best = syms[j]
-            j -= 1
-        off = vaddr - best.value
-        if best.size and off >= best.size:
-            return None
-        return f"{best.name}+{off:#x}"
+        return self._code_symbols.name(vaddr)
+
+    def release(self, off: int, size: int) -> None:
+        """Hand back the pages of a mapped image over file bytes [off, off + size):
+        they count as this process's memory while mapped, and are read again
+        (from the page cache) if they are looked at later. Nothing for bytes."""
+        data = self.data
+        if isinstance(data, mmap.mmap) and size > 0:
+            lo = max(0, off - off % mmap.PAGESIZE)
+            hi = min(len(data), off + size)
+            if lo < hi:
+                data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     # -- relocations -----------------------------------------------------------------------
 
@@ -291,15 +309,63 @@ class Image:
         return sorted(offsets)
 
 
+# -- symbols by name, from the raw table ----------------------------------------------------
+
+
+def _st_names(img: Image, tab: SymbolTable) -> bytes:
+    """Every symbol's st_name, 4 bytes each in table order."""
+    ent = sym_struct(img.bits).size
+    with memoryview(img.data) as whole:
+        mv = whole[tab.sec.offset:tab.sec.offset + tab.count * ent]
+        words = mv.cast("I")
+        col = words[::ent // 4]
+        out = col.tobytes()
+        for v in (col, words, mv):
+            v.release()
+    img.release(tab.sec.offset, tab.count * ent)
+    return out
+
+
+def _table_value(img: Image, tab: SymbolTable, names: bytes, name: str) -> int | None:
+    """The value of the first defined symbol `name`, as SymbolTable.value gives it:
+    each string-table offset of the name is found in the st_name column `names`
+    (_st_names) by bytes.find, at C speed and with no int object a symbol."""
+    offsets = tab.name_offsets(name)
+    if not offsets or tab.count == 0:
+        return None
+    hits = []
+    for off in offsets:
+        key = off.to_bytes(4, "little")
+        at = names.find(key)
+        while at >= 0:
+            if at % 4 == 0:
+                hits.append(at // 4)
+            at = names.find(key, at + (4 if at % 4 == 0 else 1))
+    fmt = sym_struct(img.bits)
+    for j in sorted(hits):
+        f = fmt.unpack_from(img.data, tab.sec.offset + j * fmt.size)
+        value, shndx = (f[4], f[3]) if img.bits == 64 else (f[1], f[5])
+        if shndx != 0:
+            return value
+    return None
+
+
 # Up to this size an image is read into memory (bytes are faster to search than a
 # mapping); a larger one is mapped, so that it never needs its size in RAM twice.
 READ_LIMIT = 1 << 30
 
 
-def load(path: str, reader: str | None = None) -> Image:
+def load(path: str, reader: str | None = None, mapped: bool = False) -> Image:
+    """The image at `path`, read into memory; mapped when it is large, or with
+    `mapped` when the hand reader reads it (lief needs the bytes in memory)."""
+    if mapped:
+        try:
+            mapped = (reader or selected_reader()) == "hand"
+        except BadInput:
+            mapped = False  # Image refuses the setting, after the file is read
     try:
         size = os.stat(path).st_size
-        data = read_regular(path) if size <= READ_LIMIT else map_regular(path)
+        data = read_regular(path) if size <= READ_LIMIT and not mapped else map_regular(path)
     except OSError as exc:
         raise BadInput(path, f"cannot read: {exc.strerror}") from None
     return Image(path, data, reader, from_path=True)

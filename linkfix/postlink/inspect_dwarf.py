@@ -11,6 +11,7 @@ import bisect
 import io
 import mmap
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from linkfix import layout
@@ -66,7 +67,7 @@ def site_functions(meta: layout.Meta) -> frozenset[str]:
     return frozenset(names)
 
 
-def site_lines(img: image.Image, addrs: list[int], functions: frozenset[str]
+def site_lines(img: image.Image, addrs: Iterable[int], functions: frozenset[str]
                ) -> dict[int, str]:
     """`file:line` of every site address DWARF knows: the call of the site's inline
     function when the site came from linkfix.h, else the line program's row (a site

@@ -19,16 +19,17 @@ from typing import TextIO
 from linkfix import fileio
 from linkfix.errors import BadInput
 from linkfix.postlink import image
-from linkfix.postlink.inspect_sites import ABSENT, Listing, totals
+from linkfix.postlink.inspect_sites import ABSENT, Listing, columns, totals
 
-_BATCH = 4096  # sites per write
+_BATCH = 4096  # lines of text per write
+_JSON_BATCH = 256  # sites per write of JSON (a site is some 700 characters)
 UNKNOWN = "unknown/corrupt"
 
 
 # One listed site: address, shape index, current bytes, per alternative (layout id or
 # ABSENT/UNPLACED, its bytes or why it cannot be placed), the alternatives it holds,
 # its state, symbol+offset, file:line.
-Site = tuple[int, int, bytes, list[tuple[int, bytes | bytearray | str]], list[int], str,
+Site = tuple[int, int, bytes, list[tuple[int, bytes | str]], list[int], str,
              str | None, str | None]
 
 
@@ -56,39 +57,44 @@ def sites(lst: Listing) -> Iterator[Site]:
     for sh in lst.shapes:
         rec = state[sh.op] if state and sh.op < len(state) else 0
         preferred.append(rec if rec < len(sh.present) and sh.present[rec] else 0)
-    cols = [(k, c.data, c.ids, c.errors) for k, c in enumerate(lst.columns)]
     symbolize = img.symbolize
     sizes = [sh.size for sh in lst.shapes]
     shape_of = lst.shape_of
     seg = chk.exec_seg
     sdelta = seg.vaddr - seg.offset if seg is not None else None
     offset = lst.site_offset
-    pos = 0
-    for j, i in enumerate(lst.order):
-        n = shape_of[i]
-        size = sizes[n]
-        s = addrs[i]
-        so = s - sdelta if sdelta is not None else offset(i)
-        cur = src[so:so + size]
-        end = pos + size
-        wants: list[tuple[int, bytes | bytearray | str]] = []
-        matches = []
-        for k, data, ids, errors in cols:
-            lid = ids[j]
-            if lid >= 0:
-                want = data[pos:end]
-                if want == cur:
+    first = None  # the lowest file offset listed yet
+    for block, cols in columns(lst):
+        lo = hi = None
+        per_k = [(k, c.ids, c.wants) for k, c in enumerate(cols)]
+        for j, i in enumerate(block):
+            n = shape_of[i]
+            size = sizes[n]
+            s = addrs[i]
+            so = s - sdelta if sdelta is not None else offset(i)
+            cur = src[so:so + size]
+            lo = so if lo is None or so < lo else lo
+            hi = so + size if hi is None or so + size > hi else hi
+            wants: list[tuple[int, bytes | str]] = []
+            matches = []
+            for k, ids, col in per_k:
+                lid = ids[j]
+                want = col[j]
+                if lid >= 0 and want == cur:
                     matches.append(k)
                 wants.append((lid, want))
+            if not matches:
+                st = UNKNOWN
             else:
-                wants.append((lid, b"" if lid == ABSENT else errors[j]))
-        pos = end
-        if not matches:
-            st = UNKNOWN
-        else:
-            p = preferred[n]
-            st = names[p if p in matches else matches[0]]
-        yield s, n, cur, wants, matches, st, symbolize(s), get_line(s)
+                p = preferred[n]
+                st = names[p if p in matches else matches[0]]
+            yield s, n, cur, wants, matches, st, symbolize(s), get_line(s)
+        if lo is not None and hi is not None:
+            # The block's pages are not looked at again. A fault may map a whole
+            # large folio of the page cache, pages already handed back included: hand
+            # back everything from the first listed site on.
+            first = lo if first is None else min(first, lo)
+            img.release(first, hi - first)
 
 
 # -- text --------------------------------------------------------------------------------
@@ -97,7 +103,7 @@ def sites(lst: Listing) -> Iterator[Site]:
 def write_text(lst: Listing, out: TextIO, summary_only: bool) -> None:
     t = lst.t
     h = header(lst)
-    count = f"{len(lst.order)} of {t.n_sites}" if lst.filtered else f"{t.n_sites}"
+    count = f"{lst.n_listed} of {t.n_sites}" if lst.filtered else f"{t.n_sites}"
     out.write(f"{h['image']}: {h['machine']}, {count} sites, backends "
               f"{', '.join(t.meta.backends)}; "
               + (f"patched for {h['target']}" if h["patched"] else "not patched") + "\n")
@@ -200,7 +206,7 @@ def write_json(lst: Listing, out: TextIO, summary_only: bool) -> None:
         first = True
         for obj in _site_objects(lst, "{"):
             batch.append(obj)
-            if len(batch) >= _BATCH:
+            if len(batch) >= _JSON_BATCH:
                 out.write(("\n" if first else ",\n") + ",\n".join(batch))
                 first = False
                 batch.clear()
@@ -219,7 +225,7 @@ def write_jsonl(lst: Listing, out: TextIO, summary_only: bool) -> None:
         batch: list[str] = []
         for obj in _site_objects(lst, '{"type": "site", '):
             batch.append(obj)
-            if len(batch) >= _BATCH:
+            if len(batch) >= _JSON_BATCH:
                 out.write("\n".join(batch) + "\n")
                 batch.clear()
         if batch:
@@ -229,7 +235,7 @@ def write_jsonl(lst: Listing, out: TextIO, summary_only: bool) -> None:
                                      for op, v in summary.items()]
     rows += [{"type": "backend", "backend": b, **v}  # type: ignore[dict-item]
              for b, v in backend_summary.items()]
-    rows.append({"type": "image", **header(lst), "sites": len(lst.order),
+    rows.append({"type": "image", **header(lst), "sites": lst.n_listed,
                  "image_sites": lst.t.n_sites})
     out.write("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -27,7 +27,7 @@ def _hull(sp: Splicer) -> tuple[int, int]:
     sites = chk.site_addrs
     if not sites:
         return 0, 0
-    lens = [chk.shapes[op].site_len for op in chk.site_ops]
+    lens = chk.site_lens
     seg = chk.exec_seg
     if seg is None:  # sites in several segments: map each (rare)
         offs = [(sp.img.offset_of(s, n), n) for s, n in zip(sites, lens, strict=True)]

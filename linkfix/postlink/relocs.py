@@ -21,6 +21,7 @@ Two kinds of relocations can point into a site (docs/PATCH.md):
 from __future__ import annotations
 
 import bisect
+import operator
 
 from linkfix.errors import BadInput
 from linkfix.postlink.image import EM_X86_64, ET_DYN, RelocTable
@@ -187,8 +188,7 @@ def _static_tables(sp: Splicer, statics: tuple[RelocTable, ...]
     # those in .linkfix.repl.
     sites = chk.site_addrs
     lo = min(sites, default=0)
-    hi = max((s + chk.shapes[op].site_len for s, op in zip(sites, chk.site_ops, strict=True)),
-             default=0)
+    hi = max(map(operator.add, sites, chk.site_lens), default=0)
     repl = t.repl_region
     repl_sec = img.section_at(repl.vaddr) if repl is not None and repl.size else None
     by_target: dict[int, _Table] = {}

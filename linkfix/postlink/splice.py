@@ -3,10 +3,11 @@
 Every site of an op gets the bytes of the op's one stored copy of the chosen
 alternative (copies.py), with each 32-bit PC-relative field re-aimed from the
 site: `target - site - pos`. A branch site's jumps take their targets from its
-own record. `Splicer.apply` is the hot loop, one small loop per op (a million
-sites in well under a second); with `current` it first checks, in the same
-pass, that every site holds what the state record says, and refuses a site
-that does not (NotRecognised).
+own record. `Splicer.apply` is the hot loop: C-level `map` passes over a block
+of records at a time, one per op in the block (a million sites in well under a
+second); with `current` it first checks, in the same pass, that every site
+holds what the state record says, and refuses a site that does not
+(NotRecognised).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from __future__ import annotations
 import operator
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator
-from itertools import repeat
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress, repeat
 
 from linkfix import layout
+from linkfix.errors import BadInput
 from linkfix.postlink.copies import Copy
+from linkfix.postlink.records import as_list, distinct
 from linkfix.postlink.tables import Checked, Shape, Tables, site_error
 
 
@@ -36,7 +39,7 @@ def effective(shape: Shape, k: int) -> int:
     return k if 0 <= k < len(shape.alts) and shape.alts[k].present else layout.GENERIC
 
 
-class _Template:
+class Template:
     """A copy ready for the loop: its bytes, and its one PC-relative field (if one)."""
 
     def __init__(self, copy: Copy, wraps: bool) -> None:
@@ -144,17 +147,30 @@ class Splicer:
         """
         chk = self.chk
         eff: dict[int, int] = {}
-        index = self._index
-        for op, addrs in chk.groups.items():
+        groups = []
+        for op in distinct(chk.site_ops[:chk.n_op], len(chk.shapes)):
+            sh = chk.shapes[op]
+            k = eff[op] = effective(sh, per_op[op])
+            groups.append(_Group(self, out, op, k, None if current is None else
+                                 effective(sh, current[op])))
+        try:
+            for group, addrs in _op_sites(chk, groups, by_record=True):
+                group.send(addrs)
+        except (NotRecognised, BadInput):
+            # Met op by op, the same failures give the refusal they always gave: the
+            # first site in record order of the first op that has one.
+            for group, addrs in _op_sites(chk, groups, by_record=False):
+                group.send(addrs)
+            raise
+        part = chk.site_ops[chk.n_op:]
+        branch_sites = chk.op_view(chk.n_op)
+        for op in distinct(part, len(chk.shapes)):
             sh = chk.shapes[op]
             k = eff[op] = effective(sh, per_op[op])
             cur = None if current is None else effective(sh, current[op])
-            self._op_group(out, op, addrs, k, cur, index)
-        for op, (addrs, gens, yeses) in chk.branch_groups.items():
-            sh = chk.shapes[op]
-            k = eff[op] = effective(sh, per_op[op])
-            cur = None if current is None else effective(sh, current[op])
-            self._branch_group(out, op, addrs, gens, yeses, k, cur, index)
+            addrs, gens, yeses = (list(compress(col, _mask(part, op)))
+                                  for col in (branch_sites, chk.gens, chk.yeses))
+            self._branch_group(out, op, addrs, gens, yeses, k, cur, self._index)
         return eff
 
     def _offsets(self, addrs: list[int], L: int) -> tuple[int, list[int] | None]:
@@ -169,31 +185,9 @@ class Splicer:
             offs.append(so)
         return 0, offs
 
-    def _op_group(self, out, op: int, addrs: list[int], k: int,  # type: ignore[no-untyped-def]
-                  cur: int | None, index: _Index) -> None:
-        new = _Template(self.copy(op, k), self.wraps)
-        old = _Template(self.copy(op, cur), self.wraps) if cur is not None else None
-        L = len(new.fin)
-        sd, offs = self._offsets(addrs, L)
-        if offs is not None or not new.single or (old is not None and not old.single):
-            self._slow_group(out, op, addrs, k, cur, index)
-            return
-        src = self.img.data
-        for lo in range(0, len(addrs), _BLOCK):  # blocks bound the temporary lists
-            block = addrs[lo:lo + _BLOCK]
-            so = list(map(operator.sub, block, repeat(sd)))
-            if old is not None and not old.held(src, so, block):
-                self._first_unrecognised(src, block, sd, old, cur, index)
-            try:
-                new.write(out, so, block)
-            except struct.error:
-                bad = next(s for s in block if not _fits(new, s))
-                raise site_error(self.t, bad, op, f"alternative {self.t.alt_name(k)}: "
-                                 "relocated displacement does not fit in 32 bits") from None
-
     @staticmethod
     def _first_unrecognised(src, block: list[int], sd: int,  # type: ignore[no-untyped-def]
-                            old: _Template, cur: int | None, index: _Index) -> None:
+                            old: Template, cur: int | None, index: _Index) -> None:
         """Name the first site of a block that does not hold `old` (one is known not to)."""
         m = old.mask
         for s in block:
@@ -272,7 +266,70 @@ class Splicer:
             _fill(out, so, 5, new.code)
 
 
-_BLOCK = 1 << 16  # sites per C-level pass: bounds the temporary lists, not the speed
+class _Group:
+    """Writes one op's sites, a block of their addresses at a time (`send`)."""
+
+    def __init__(self, sp: Splicer, out, op: int, k: int,  # type: ignore[no-untyped-def]
+                 cur: int | None) -> None:
+        self.sp, self.out, self.op, self.k, self.cur = sp, out, op, k, cur
+        self.new = Template(sp.copy(op, k), sp.wraps)
+        self.old = Template(sp.copy(op, cur), sp.wraps) if cur is not None else None
+        seg = sp.chk.exec_seg
+        self.slow = seg is None or not self.new.single or \
+            (self.old is not None and not self.old.single)
+        self.sd = seg.vaddr - seg.offset if seg is not None else 0
+
+    def send(self, block: list[int]) -> None:
+        sp, out, new, old = self.sp, self.out, self.new, self.old
+        if self.slow:
+            sp._slow_group(out, self.op, block, self.k, self.cur, sp._index)
+            return
+        src = sp.img.data
+        so = list(map(operator.sub, block, repeat(self.sd)))
+        if old is not None and not old.held(src, so, block):
+            sp._first_unrecognised(src, block, self.sd, old, self.cur, sp._index)
+        try:
+            new.write(out, so, block)
+        except struct.error:
+            bad = next(s for s in block if not _fits(new, s))
+            raise site_error(sp.t, bad, self.op, f"alternative {sp.t.alt_name(self.k)}: "
+                             "relocated displacement does not fit in 32 bits") from None
+
+
+_BLOCK = 1 << 16  # records per C-level pass: bounds the temporary lists, not the speed
+
+
+def _op_sites(chk: Checked, groups: list[_Group], by_record: bool
+              ) -> Iterator[tuple[_Group, list[int]]]:
+    """(group, the addresses of its op's sites in a block of op records): a block at a
+    time, every op's sites in it (`by_record`: the block's int objects made once), or
+    op by op."""
+    n_op = chk.n_op
+    starts = range(0, n_op, _BLOCK)
+    order = ((at, g) for at in starts for g in groups) if by_record else \
+        ((at, g) for g in groups for at in starts)
+    done = None
+    for at, group in order:
+        if at != done:
+            end = min(n_op, at + _BLOCK)
+            part, block, done = chk.site_ops[at:end], as_list(chk.site_addrs, at, end), at
+        addrs = list(compress(block, _mask(part, group.op)))
+        if addrs:
+            yield group, addrs
+
+
+def _mask(ops: Sequence[int], op: int) -> bytes:
+    """A 0/1 byte per record: whether it is the op's."""
+    if isinstance(ops, bytes):
+        return ops.translate(only(op))
+    return bytes(map(operator.eq, ops, repeat(op)))
+
+
+def only(op: int) -> bytes:
+    """The `bytes.translate` table that maps `op` to 1 and every other byte to 0."""
+    table = bytearray(256)
+    table[op] = 1
+    return bytes(table)
 
 
 def _fill(out, so: list[int], n: int, code: bytes) -> None:  # type: ignore[no-untyped-def]
@@ -288,7 +345,7 @@ def _fits_value(fmt: struct.Struct, v: int) -> bool:
     return True
 
 
-def _fits(t: _Template, s: int) -> bool:
+def _fits(t: Template, s: int) -> bool:
     return _fits_value(t.fmt, (t.c - s) & t.mask)
 
 

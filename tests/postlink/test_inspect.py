@@ -442,3 +442,81 @@ def test_output_file_is_never_the_image(fast: dict[str, Path]) -> None:
     r = inspect(path, "-o", path)
     assert r.returncode == 2 and r.stderr == f"linkfix: {path}: output is the input image\n"
     assert fast["orig32"].read_bytes() == before
+
+
+def _swap_records(src: Path, dst: Path) -> None:
+    """`src` with op records 1 and the last of its op swapped, and the first and last
+    branch records, each still naming its own site: the same sites, listed by records
+    out of address order."""
+    import struct
+
+    from linkfix import layout
+    img = image.load(str(src))
+    t = tables.load(img)
+    chk = tables.check_records(t)
+    data = bytearray(img.data)
+    ops = chk.site_ops
+    last = next(j for j in range(chk.n_op - 1, 1, -1) if ops[j] == ops[1])
+    n_br = t.n_sites - chk.n_op
+    assert n_br >= 2
+    for r, size, words, (i, j) in ((t.sites_region, layout.SITE_REC_SIZE, (0,), (1, last)),
+                                   (t.branches_region, layout.BRANCH_REC_SIZE,
+                                    (0, 4, 8, 16, 20), (0, n_br - 1))):
+        a = bytearray(data[r.offset + i * size:r.offset + (i + 1) * size])
+        b = bytearray(data[r.offset + j * size:r.offset + (j + 1) * size])
+        delta = (j - i) * size  # each word holds its target less its own address
+        for w in words:
+            struct.pack_into("<i", a, w, struct.unpack_from("<i", a, w)[0] - delta)
+            struct.pack_into("<i", b, w, struct.unpack_from("<i", b, w)[0] + delta)
+        data[r.offset + j * size:r.offset + (j + 1) * size] = a
+        data[r.offset + i * size:r.offset + (i + 1) * size] = b
+    dst.write_bytes(data)
+
+
+def test_blocks_and_record_order_change_nothing(fast: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The listing is streamed in blocks (records read, sites spliced, sites listed),
+    # branch sites merged among the op sites by address; records out of address order
+    # take the sorted path. None of it shows in the output.
+    from linkfix.postlink import inspect_sites, records, splice
+    forms = ([], ["--jsonl"], ["--summary"], ["--op", "twofield", "--jsonl"])
+    for key in ("xen64", "orig32"):
+        path = fast[key]
+        want = [lf(str(path), *form).stdout for form in forms]
+        swapped = tmp_path / f"{key}.swapped"
+        _swap_records(path, swapped)
+        chk = tables.check_records(tables.load(image.load(str(swapped))))
+        assert not chk.op_sorted and not chk.br_sorted
+        got = [lf(str(swapped), *form).stdout.replace(str(swapped), str(path))
+               for form in forms]
+        assert got == want, key
+        with monkeypatch.context() as m:
+            m.setattr(inspect_sites, "_BLOCK", 7)
+            m.setattr(records, "_READ_BLOCK", 5)
+            m.setattr(splice, "_BLOCK", 3)
+            assert [lf(str(path), *form).stdout for form in forms] == want, key
+            got = [lf(str(swapped), *form).stdout.replace(str(swapped), str(path))
+                   for form in forms]
+            assert got == want, key
+        for p in (path, swapped):  # and patched alike: verify finds every site as listed
+            out = tmp_path / f"{p.name}.lguest"
+            assert cli.main(["patch", str(p), "-o", str(out), "--target", "lguest",
+                             "-q"]) == 0
+            assert cli.main(["verify", str(out), "-q"]) == 0
+        a, b = (lf("--jsonl", str(tmp_path / f"{p.name}.lguest")).stdout for p in
+                (path, swapped))
+        assert a == b.replace(str(tmp_path / f"{swapped.name}.lguest"),
+                              str(tmp_path / f"{path.name}.lguest"))
+
+
+def test_checked_columns_are_compact(fast: dict[str, Path]) -> None:
+    # A million sites must not cost a million int objects (some 40 bytes each): the
+    # columns patch and inspect share are arrays and bytes.
+    from array import array
+
+    chk = tables.check_records(tables.load(image.load(str(fast["orig64"]))))
+    assert isinstance(chk.site_addrs, array) and chk.site_addrs.typecode == "Q"
+    assert isinstance(chk.gens, array) and isinstance(chk.yeses, array)
+    assert isinstance(chk.site_ops, bytes) and isinstance(chk.site_lens, bytes)
+    assert len(chk.site_addrs) == len(chk.site_ops) == len(chk.site_lens) == \
+        chk.n_op + len(chk.gens)

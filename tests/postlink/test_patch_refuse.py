@@ -616,3 +616,25 @@ def test_image_without_sites_is_patched(tmp_path: Path) -> None:
     r = patch(path, out)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() != path.read_bytes()  # only the state record
+
+
+def test_addresses_below_zero(tmp_path: Path) -> None:
+    # A record's word can lead below address 0 (no 64-bit column holds that): refused
+    # as outside every segment, never a crash. Op site, branch site, branch target.
+    out = tmp_path / "out"
+    for what in ("op", "branch", "target"):
+        im = branch_image(tmp_path)
+        if what == "op":
+            im.put(im.rec(2), "<i", -(1 << 31))
+            where = im.rec_vaddr(2) - (1 << 31)
+            msg = "outside every PT_LOAD segment"
+        elif what == "branch":
+            im.put(im.brec(1), "<i", -(1 << 31))
+            where = im.brec_vaddr(1) - (1 << 31)
+            msg = "outside every PT_LOAD segment"
+        else:
+            im.aim(1, 4, -(1 << 20))
+            where = im.synth.sites[7].addr
+            msg = f"jumps to {-(1 << 20):#x}, outside the executable segments"
+        r = patch(im.write(), out)
+        refused(r, out, re.escape(f"site {where:#x} (") + r".*\): " + re.escape(msg))

@@ -299,6 +299,83 @@ def test_readers_agree_on_every_image(corpus: dict[str, Path]) -> None:
             assert got["tables"][0] == "ok", (name, got["tables"])  # type: ignore[index]
 
 
+def _reference_symbolize(img: image.Image, vaddr: int) -> str | None:
+    """How sites were named from a list of every Symbol (the index linkfix now keeps
+    as columns must name every address alike)."""
+    import bisect
+
+    syms = sorted((s for s in img.symbols
+                   if s.name and s.shndx != 0 and s.type in (0, 1, 2) and s.value),
+                  key=lambda s: (s.value, s.type != 2, s.name))
+    values = [s.value for s in syms]
+    i = bisect.bisect_right(values, vaddr) - 1
+    if i < 0:
+        return None
+    best = syms[i]
+    j = i
+    while j >= 0 and values[j] == values[i]:
+        if syms[j].type == 2:
+            best = syms[j]
+        j -= 1
+    off = vaddr - best.value
+    if best.size and off >= best.size:
+        return None
+    return f"{best.name}+{off:#x}"
+
+
+def _tied(corpus: dict[str, Path], work: Path) -> list[tuple[str, Path]]:
+    """Variants whose symbols share addresses: three functions and two labels at the
+    first function's address, two labels alone at another's."""
+    out = []
+    for name in ("synth64", "synth32", "ld64-plain"):
+        src = corpus[name]
+        img = image.Image(str(src), src.read_bytes(), "hand")
+        sec = next(s for s in img.sections if s.type == image.SHT_SYMTAB)
+        syms = img.symbols
+        code = [j for j, s in enumerate(syms) if s.name and s.shndx and s.value]
+        funcs = [j for j in code if syms[j].type == 2][::-1]
+        labels = [j for j in code if syms[j].type == 0]
+        data = bytearray(src.read_bytes())
+        at, fmt = (8, "<Q") if img.bits == 64 else (4, "<I")
+
+        if len(funcs) >= 4 and len(labels) >= 4:
+            moves = [(j, syms[funcs[0]].value) for j in funcs[1:3] + labels[:2]] + \
+                [(j, syms[funcs[3]].value) for j in labels[2:4]]
+            for j, value in moves:
+                struct.pack_into(fmt, data, sec.offset + j * sec.entsize + at, value)
+            path = work / name
+            path.write_bytes(data)
+            out.append((f"{name}-tied", path))
+    assert out
+    return out
+
+
+def test_sites_are_named_alike_by_every_reader_read_or_mapped(corpus: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    # The symbol index is columns of the raw table (hand reader, read or mapped) or of
+    # lief's symbols; symbols sharing an address (ld images have several) pick alike.
+    ties = 0
+    work = tmp_path / "tied"
+    work.mkdir()
+    for name, path in [*corpus.items(), *_tied(corpus, work)]:
+        imgs = [image.Image(str(path), path.read_bytes(), r) for r in READERS]
+        with open(path, "rb") as f:
+            if os.path.getsize(path):
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                imgs.append(image.Image(str(path), mapped, "hand"))
+        ref = imgs[0]
+        values = sorted({s.value for s in ref.symbols if s.value})
+        ties += len(values) < sum(1 for s in ref.symbols if s.value and s.name
+                                  and s.shndx and s.type in (0, 1, 2))
+        probes = [v + d for v in values for d in (-1, 0, 1, 7)] + [0, ref.entry]
+        want = [_reference_symbolize(ref, a) for a in probes]
+        for img in imgs:
+            assert [img.symbolize(a) for a in probes] == want, (name, img.reader)
+            assert [img.symbol_value(n) for n in NAMES] == \
+                [ref.symbol_value(n) for n in NAMES], name
+    assert ties
+
+
 def test_readers_patch_every_image_alike(corpus: dict[str, Path], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     for name, path in corpus.items():
