@@ -546,7 +546,8 @@ def _inspect_table(pl: PostlinkResult) -> list[str]:
            "`--jsonl`, each against `linkfix patch`'s time (target <= "
            f"{INSPECT_TIME_X:.0f}x) and the image's size (peak memory, target <= "
            f"{INSPECT_MEMORY_X:.0f}x). *validate* is reading the image and validating its "
-           "records, nothing else (`python -c` on linkfix.image and linkfix.tables): the "
+           "records, nothing else (`python -c` on linkfix.postlink.image and "
+           "linkfix.postlink.tables): the "
            "floor both commands share.", ""]
     rows = []
     for s in pl.sizes:
