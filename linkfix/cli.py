@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("gen-stubs", help="render call sites, thunks and tables from an op spec")
     gen.add_argument("spec", help="op spec (TOML)")
     gen.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output directory")
+    gen.add_argument("--written", metavar="BACKEND",
+                     help="a reference build: every site holds BACKEND's bytes as linked, "
+                          "with no alternatives for objtool (docs/SPEC.md)")
     gen.add_argument("--no-cache", action="store_true",
                      help="neither use nor update the cache in OUTDIR (everything is "
                           "measured and rendered afresh)")

@@ -62,15 +62,17 @@ BUSYBOX = Path("/bin/busybox")
 
 # Config A of the trial notes: tinyconfig plus a serial console.
 CONSOLE = ["64BIT", "PRINTK", "TTY", "SERIAL_8250", "SERIAL_8250_CONSOLE", "EARLY_PRINTK"]
-# What every config here needs on top: modules, an initramfs with a busybox /init, a
-# clean ACPI power-off, and /proc/kallsyms (to see the KASLR offset from user space).
-# Without ACPI, poweroff -f only halts and QEMU never exits; without PCI, ACPI cannot
-# load QEMU's DSDT (its PCI_Config region: AE_BAD_PARAMETER) so there is no \_S5.
+# What every config here needs on top: modules, an initramfs with a busybox /init, and
+# /proc/kallsyms with data symbols too (KALLSYMS_ALL: the KASLR offset, and where the
+# running kernel has its init memory and the linkfix tables). /init ends with
+# `reboot -f`, which QEMU's -no-reboot turns into an exit: no ACPI (and so no PCI) is
+# needed to stop the machine, which keeps a first build of each config about a fifth
+# shorter (ACPI alone was 207 of the 997 objects).
 HARNESS = [
     "MODULES", "MODULE_UNLOAD", "BLK_DEV_INITRD", "RD_GZIP", "DEVTMPFS", "BINFMT_ELF",
-    "BINFMT_SCRIPT", "PROC_FS", "SYSFS", "PCI", "ACPI", "KALLSYMS",
+    "BINFMT_SCRIPT", "PROC_FS", "SYSFS", "KALLSYMS", "KALLSYMS_ALL",
 ]
-HARNESS_REQUIRE = ["ACPI_SYSTEM_POWER_STATES_SUPPORT"]
+HARNESS_REQUIRE: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ CONFIGS = {
 
 MARKER = "linkfix-init: started"
 DONE = "linkfix-init: done"
-POWER_DOWN = "reboot: Power down"
+POWER_DOWN = "reboot: Restarting system"
 
 # ---------------------------------------------------------------------------
 # small helpers
@@ -502,6 +504,8 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "@MARKER@"
 echo "linkfix-init: cmdline: $(cat /proc/cmdline)"
 grep -E ' (_text|_stext|start_kernel)$' /proc/kallsyms | sed 's/^/linkfix-init: kallsyms: /'
+grep -E ' (__init_begin|__init_end|__linkfix_[a-z]+_(start|end)|__alt_instructions(_end)?)$' \
+    /proc/kallsyms | sed 's/^/linkfix-init: init-symbol: /'
 for ko in /lib/modules/*.ko; do
     [ -e "$ko" ] || continue
     name=$(basename "$ko" .ko)
@@ -514,7 +518,7 @@ for ko in /lib/modules/*.ko; do
     dmesg -c | sed "s/^/linkfix-init: dmesg $name: /"
 done
 echo "@DONE@"
-poweroff -f
+reboot -f
 """.replace("@MARKER@", MARKER).replace("@DONE@", DONE)
 
 
@@ -646,7 +650,7 @@ def boot(b: Build, initrd: Path, append: str = "", accel: str = "auto",
     if DONE not in lines:
         reasons.append(f"/init did not reach {DONE!r}")
     if not any(POWER_DOWN in ln for ln in lines):
-        reasons.append(f"no {POWER_DOWN!r}: the machine did not power off")
+        reasons.append(f"no {POWER_DOWN!r}: /init did not end the machine")
     for bad in ("Kernel panic", "BUG:", "Oops", "WARNING:", "general protection"):
         if bad in text:
             reasons.append(f"log has {bad!r}")

@@ -35,8 +35,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
+import bzimage  # noqa: E402
 import kbuild  # noqa: E402
+import orc  # noqa: E402
 import series  # noqa: E402
+import writtencheck  # noqa: E402
 
 TARGETS = ("native", "model", "generic")
 COUNTER = re.compile(r"linkfix: model (at boot|at power-off): (\w+) (\d+)$")
@@ -145,6 +148,121 @@ def orccheck(vml: Path) -> dict:
     return res
 
 
+def payload_check(b: kbuild.Build, lf: list[str], target: str, keep: Path) -> dict:
+    """What boots is what linkfix wrote: the bzImage's payload (bzimage.py) holds
+    vmlinux's allocated sections byte for byte, and `linkfix verify` passes on it."""
+    bz = b.builddir / "arch" / "x86" / "boot" / "bzImage"
+    out = keep / "payload.elf"
+    try:
+        data = bzimage.payload(bz.read_bytes(), str(bz))
+    except (bzimage.PayloadError, OSError) as exc:
+        return {"error": str(exc), "sections_equal": False, "verify": {"rc": None}}
+    out.write_bytes(data)
+    diffs = bzimage.compare_sections(orc.Elf(data, str(out)),
+                                     orc.Elf.from_file(b.builddir / "vmlinux"))
+    res = {"payload_bytes": len(data), "sections_equal": not diffs, "differences": diffs,
+           "verify": run_cmd([*lf, "verify", "--target", target, str(out)])}
+    out.unlink()
+    return res
+
+
+INIT_SYM = re.compile(r"linkfix-init: init-symbol: ([0-9a-f]+) \w (\w+)$")
+FREED = "Freeing unused kernel image (initmem) memory"
+
+
+def resident(log: Path, nsites: int | None) -> dict:
+    """Table bytes the running kernel keeps after boot: from its own /proc/kallsyms,
+    each linkfix table's [start, end) and .altinstructions, less what lies in the
+    init memory [__init_begin, __init_end) that it reported freeing."""
+    text = log.read_text(errors="replace").replace("\r", "")
+    syms = {m.group(2): int(m.group(1), 16) for m in map(INIT_SYM.search, text.splitlines())
+            if m}
+    res: dict = {"freed_initmem": FREED in text, "symbols": len(syms)}
+    lo, hi = syms.get("__init_begin"), syms.get("__init_end")
+    tables = sorted({n[:-len("_start")] for n in syms if n.endswith("_start")})
+    pairs = [(t, syms[t + "_start"], syms.get(t + "_end")) for t in tables]
+    pairs.append(("__alt_instructions", syms.get("__alt_instructions"),
+                  syms.get("__alt_instructions_end")))
+    if lo is None or hi is None or not tables or any(a is None or e is None
+                                                       for _, a, e in pairs):
+        res["error"] = "the running kernel's /proc/kallsyms lacks the table symbols"
+        return res
+    kept, total = 0, 0
+    for _, a, e in pairs:
+        total += e - a
+        kept += (e - a) - max(0, min(e, hi) - max(a, lo))
+    res.update({"tables": {t: e - a for t, a, e in pairs}, "table_bytes": total,
+                "resident_bytes": kept if res["freed_initmem"] else total,
+                "sites": nsites})
+    res["resident_bytes_per_site"] = None if not nsites else res["resident_bytes"] / nsites
+    return res
+
+
+def total_sites(inspected: dict) -> int | None:
+    """Every site `linkfix inspect --summary --json` counted, op and branch sites."""
+    summ = inspected.get("summary")
+    return None if not isinstance(summ, dict) else sum(v["sites"] for v in summ.values())
+
+
+def module_results(boot: dict) -> dict:
+    """lfops's own verdict (it fails to load if a check fails) and its line."""
+    lines = boot.get("modules", {}).get("lfops", {}).get("dmesg", [])
+    verdict = next((ln for ln in lines if "checks passed" in ln), None)
+    m = re.search(r"(\d+) of (\d+) checks passed", verdict or "")
+    return {"line": verdict, "passed": m is not None and m.group(1) == m.group(2)}
+
+
+def module_sites(b: kbuild.Build) -> dict:
+    """Site records each built module carries (its sites stay generic: nothing
+    patches a .ko)."""
+    out = {}
+    for ko in sorted((b.cache / "modules" / b.name).glob("*/*.ko")):
+        elf = orc.Elf.from_file(ko)
+        sec = elf.by_name.get(".linkfix.sites")
+        out[ko.stem] = 0 if sec is None else sec.size // 8
+    return out
+
+
+def retarget(lf: list[str], generic: Path, work: Path) -> dict:
+    """Re-targeting is byte-exact: from the generic vmlinux G, patch(G, model) equals
+    patch(patch(G, native), model), patch(G, native) equals patch(patch(G, model),
+    native), and patch(patch(G, model), generic) is G again."""
+    names = {"N1": (generic, "native"), "M1": (generic, "model"), "M2": ("N1", "model"),
+             "N2": ("M1", "native"), "G2": ("M1", "generic")}
+    files: dict[str, Path] = {}
+    runs = {}
+    for name, (src, t) in names.items():
+        files[name] = work / f"vmlinux.{name}"
+        inp = files[src] if isinstance(src, str) else src
+        runs[name] = run_cmd([*lf, "patch", "-q", "--target", t, "-o", str(files[name]),
+                              str(inp)])
+    same = {"M1 == M2": files["M1"].read_bytes() == files["M2"].read_bytes(),
+            "N1 == N2": files["N1"].read_bytes() == files["N2"].read_bytes(),
+            "G2 == G": files["G2"].read_bytes() == generic.read_bytes()}
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    return {"runs": {k: v["rc"] for k, v in runs.items()}, "equal": same,
+            "ok": all(v["rc"] == 0 for v in runs.values()) and all(same.values())}
+
+
+def written_build(c: str, tree: Path, lf: list[str], patched: Path, args) -> dict:
+    """Config c built with the native bytes written into every site
+    (LINKFIX_GENFLAGS=--written native), and writtencheck.py's comparison of the
+    patched native vmlinux with it: site bytes and ORC, address by address."""
+    w = kbuild.Build(kbuild.CONFIGS[c], "written", args.cache, tree,
+                     extra_opts=["-e", "LINKFIX"], extra_require=["LINKFIX=y"],
+                     make_vars=[f"LINKFIX={shlex.join(lf)}",
+                                "LINKFIX_GENFLAGS=--written native"],
+                     jobs=args.jobs, nice=args.nice)
+    set_target(w, "native")
+    res: dict = {"build": kbuild.build(w, verbose=args.verbose)}
+    vml = w.builddir / "vmlinux"
+    res["verify"] = run_cmd([*lf, "verify", "--target", "native", str(vml)])
+    res["compare"] = writtencheck.check(patched, vml, lf)
+    res["ok"] = res["verify"]["rc"] == 0 and res["compare"]["ok"]
+    return res
+
+
 def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) -> dict:
     changed = set_target(b, target)
     res: dict = {"target": target, "retargeted": changed}
@@ -158,6 +276,7 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
     res["objtool"] = {"warnings": warn, "baseline": base["warnings"],
                       "equal": warn == base["warnings"]}
     res["verify"] = run_cmd([*lf, "verify", "--target", target, str(vml)])
+    res["bzimage"] = payload_check(b, lf, target, keep)
     if ".orc_unwind" not in kbuild.sizes(vml):
         res["orccheck"] = {"skipped": "no ORC in this config (frame pointers)",
                            "problems": 0, "sites": None, "instructions": None}
@@ -176,6 +295,7 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
                                        str(keep / "vmlinux.native"), str(vml)])
         (keep / "vmlinux.native").unlink(missing_ok=True)
         res["final_link"] = final_link_time(b, keep / "vmlinux.ld")
+        res["retarget"] = retarget(lf, vml, keep)
     res["sites"] = sites_per_op(lf, vml)
     kos = [] if args.no_modules else kbuild.build_modules(b, sorted(
         p for p in (HERE / "modules").iterdir() if p.is_dir()))
@@ -189,8 +309,18 @@ def one_target(b: kbuild.Build, target: str, lf: list[str], base: dict, args) ->
         if not r["counters"]["at boot"]:
             r["result"] = "fail"
             r["reasons"].append("no model counters printed")
+        r["resident"] = resident(Path(r["log"]), total_sites(res["sites"]))
+        if r["resident"].get("resident_bytes") != 0:
+            r["result"] = "fail"
+            r["reasons"].append(f"tables resident after boot: {r['resident']}")
+        if kos:
+            r["lfops"] = module_results(r)
+            if not r["lfops"]["passed"]:
+                r["result"] = "fail"
+                r["reasons"].append("lfops did not pass all its checks")
         boots[tag] = r
     res["boots"] = boots
+    res["module_sites"] = module_sites(b) if kos else {}
     return res
 
 
@@ -222,7 +352,11 @@ def run_config(c: str, args) -> dict:
         summary["targets"][t] = one_target(b, t, lf, base, args)
         out.mkdir(parents=True, exist_ok=True)
         kbuild.write_atomic(out / "linkfix-summary.json", json.dumps(summary, indent=2) + "\n")
-    # a make with nothing to do: no relink, no repatch
+    native = out / "native" / "vmlinux"
+    if "native" in summary["targets"] and ".orc_unwind" in kbuild.sizes(native):
+        summary["written"] = written_build(c, tree, lf, native, args)
+        kbuild.write_atomic(out / "linkfix-summary.json", json.dumps(summary, indent=2) + "\n")
+        # a make with nothing to do: no relink, no repatch
     vml = b.builddir / "vmlinux"
     before = vml.stat().st_mtime_ns
     noop = kbuild.build(b, verbose=args.verbose)
@@ -233,8 +367,11 @@ def run_config(c: str, args) -> dict:
     ok = summary["noop_make"]["vmlinux_unchanged"] and all(
              r["objtool"]["equal"] and r["verify"]["rc"] == 0
              and r["orccheck"]["problems"] == 0
+             and r["bzimage"]["sections_equal"] and r["bzimage"]["verify"]["rc"] == 0
+             and r.get("retarget", {"ok": True})["ok"]
              and all(x["result"] == "pass" for x in r["boots"].values())
              for r in summary["targets"].values())
+    ok = ok and summary.get("written", {"ok": True})["ok"]
     summary["ok"] = ok
     kbuild.write_atomic(out / "linkfix-summary.json", json.dumps(summary, indent=2) + "\n")
     kbuild.write_atomic(out / "figures.md", figures(summary))

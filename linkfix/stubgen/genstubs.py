@@ -37,12 +37,14 @@ def call_targets(body: bodymod.Body) -> set[str]:
     return {st.split()[1] for st in body.statements if st.startswith("call ")}
 
 
-def generate(spec_path: str, raw: bytes | None = None, cache: Probe | None = None
+def generate(spec_path: str, raw: bytes | None = None, cache: Probe | None = None,
+             written: str | None = None
              ) -> tuple[Spec, list[opmodel.OpModel], dict[str, bytes]]:
     """Validate, measure and check the spec; return the rendered files.
 
     `raw`: the spec's bytes, when already read; `cache`: measurements to reuse,
-    and the assembler to run for the others.
+    and the assembler to run for the others; `written`: the backend whose bytes
+    every site holds as linked (written.py), or None.
     """
     from linkfix.stubgen import body as bodymod
     from linkfix.stubgen import bodycheck, opmodel, render
@@ -51,6 +53,13 @@ def generate(spec_path: str, raw: bytes | None = None, cache: Probe | None = Non
     from linkfix.stubgen.spec import load, loads
 
     spec = load(spec_path) if raw is None else loads(raw, spec_path)
+    if written is not None:
+        from dataclasses import replace
+
+        from linkfix.stubgen.written import check_backend
+
+        check_backend(spec, written)
+        spec = replace(spec, profile=replace(spec.profile, written=written))
     arch = spec.arch
     parsed: dict[str, dict[str, bodymod.Body]] = {}
     items: list[tuple[tuple[str, str], bodymod.Body]] = []
@@ -122,11 +131,14 @@ def run(args: argparse.Namespace) -> int:
         from linkfix import progress
         print(progress.command_line())
     outdir = args.output
+    written = getattr(args, "written", None)
     raw = _spec_bytes(args.spec)
     cache: Probe | None = None
     if raw is not None and not getattr(args, "no_cache", False):
         from linkfix.stubgen import gencache
-        cache = gencache.probe(outdir, raw)
+        # A written build's outputs differ from the ordinary ones: its own key.
+        key = raw if written is None else raw + b"\0written=" + written.encode()
+        cache = gencache.probe(outdir, key)
         if cache is not None and cache.up_to_date(outdir):
             assert cache.record is not None
             # Nothing to write: the outputs are in place, as after a run that found
@@ -135,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             _print(args, cache.record.report, verbose, quiet, 0, len(cache.record.outputs),
                    cache)
             return 0
-    spec, models, files = generate(args.spec, raw, cache)
+    spec, models, files = generate(args.spec, raw, cache, written)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise BadInput(outdir, "output exists and is not a directory")
     created = not os.path.exists(outdir)
@@ -146,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # All files or none: a full disk must not leave a header from one spec
         # next to thunks from another.
-        written = [os.path.basename(p) for p in write_all_if_changed(
+        changed = [os.path.basename(p) for p in write_all_if_changed(
             {os.path.join(outdir, name): data for name, data in files.items()})]
     except BaseException:
         if created:
@@ -156,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     rep = _report(spec, models)
     if cache is not None:
         _save(cache, spec.arch.name, models, files, rep)
-    _print(args, rep, verbose, quiet, len(written), len(files), cache)
+    _print(args, rep, verbose, quiet, len(changed), len(files), cache)
     return 0
 
 

@@ -165,9 +165,12 @@ def _key(a: Alt) -> tuple[object, ...]:
 
 
 def op_site_lines(spec: Spec, m: OpModel, uid: str) -> list[str]:
-    """A site's annotation and its alternatives (after the site's own lines)."""
+    """A site's annotation and its alternatives (after the site's own lines); a written
+    site (written.py) has no alternatives: objtool sees its bytes as written by hand."""
     site = f".Llf_s_{uid}"
     lines = noendbr_lines([site])
+    if spec.profile.written is not None:
+        return lines
     seen: set[tuple[object, ...]] = set()
     # The alternative that moves the stack pointer inside the site goes last: objtool
     # 6.1 starts the site's CFI array afresh for every alt_instr of it, so only the
@@ -190,6 +193,8 @@ def branch_site_lines(spec: Spec) -> list[str]:
     uid = "%="
     site = f".Llf_s_{uid}"
     lines = noendbr_lines([site, "%l[__lf_generic]", "%l[__lf_yes]"])
+    if spec.profile.written is not None:
+        return lines
     jmp, end = f".Llf_rj_{uid}", f".Llf_rje_{uid}"
     lines += _alt_entry(site, jmp, 5)
     lines += ['\t.pushsection .altinstr_replacement,"ax"', f"{jmp}:", "\t.byte 0xe9",

@@ -31,6 +31,8 @@ class Profile:
     name: str = FREESTANDING
     prefix: str = ""  # prepended to each op's C function: lf_ + irq_disable
     call_constraint: str | None = None  # extra asm output operand of every op site
+    # gen-stubs --written BACKEND (written.py): not a spec field, so not in canonical()
+    written: str | None = None
 
     @property
     def linux(self) -> bool:

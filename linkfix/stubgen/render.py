@@ -15,16 +15,11 @@ from pathlib import Path
 
 from linkfix import layout
 from linkfix.padding import NOPS
-from linkfix.stubgen import kernelsite
+from linkfix.stubgen import written
 from linkfix.stubgen.body import KIND_CALL, KIND_INLINE, is_label, rename_labels
 from linkfix.stubgen.opmodel import CALL_FIELD, OpModel, body_fn_name, dispatch_name
-from linkfix.stubgen.sitetext import (
-    branch_site_lines,
-    c_asm_escape,
-    c_string,
-    op_site_lines,
-    repl_lines,
-)
+from linkfix.stubgen.sitecompose import branch_text, site_text
+from linkfix.stubgen.sitetext import c_asm_escape, c_string, repl_lines
 from linkfix.stubgen.spec import IDENT, Op, Spec
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -83,9 +78,7 @@ def c_function(spec: Spec, m: OpModel) -> CFunction:
     clobbers = ", ".join([*(f'"{r}"' for r in clobber_regs), '"memory"', '"cc"'])
     if spec.profile.call_constraint is not None:
         outs.append(spec.profile.call_constraint)  # ASM_CALL_CONSTRAINT: the site calls
-    lines = op_site_lines(m, "%=", c_asm_escape)
-    if spec.profile.linux:
-        lines += kernelsite.op_site_lines(spec, m, "%=")
+    lines = site_text(spec, m, "%=", c_asm_escape)
     return CFunction(
         name=spec.profile.c_name(op.name),
         ret=op.returns or "void",
@@ -193,10 +186,7 @@ def gas_macro_lines(spec: Spec, m: OpModel) -> list[str]:
     if not checks:
         # Nothing to check, but the parameter is used (clang warns about one that is not).
         checks = ["\t.ifnb \\clobbers", "\t.endif"]
-    lines = checks + op_site_lines(m, "\\@", lambda s: s)
-    if spec.profile.linux:
-        lines += kernelsite.op_site_lines(spec, m, "\\@")
-    return lines
+    return checks + site_text(spec, m, "\\@", lambda s: s)
 
 
 # ------------------------------------------------------------------ meta, manifest
@@ -217,8 +207,10 @@ def meta(spec: Spec, models: list[OpModel]) -> layout.Meta:
                            label=NOP5_LABEL)
     for b in range(1, len(spec.backends) + 1):
         alts.append((jmp, *(jmp if k == b else nop5 for k in range(1, len(spec.backends) + 1))))
+    state = written.state(spec, models) if spec.profile.written is not None else None
     return layout.Meta(machine=spec.arch.e_machine, backends=spec.backends, ops=ops,
-                       spec_hash=spec.spec_hash(), alts=tuple(alts))
+                       spec_hash=spec.spec_hash(), alts=tuple(alts),
+                       **({} if state is None else state))
 
 
 def repl_copies(spec: Spec, models: list[OpModel]) -> list[str]:
@@ -325,7 +317,7 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         "prototypes": prototypes(spec, models),
         "inner_callees": inner_callees(models, {p.name for p in prototypes(spec, models)}),
         "regparm": arch.elf_class == 32,
-        "branches": [(k, b, b.upper(), [c_string(x) for x in _branch_lines(spec, k)])
+        "branches": [(k, b, b.upper(), [c_string(x) for x in branch_text(spec, k)])
                      for k, b in enumerate(spec.backends, start=1)],
         "thunks": thunk_functions(spec, models),
         "body_functions": body_functions(models),
@@ -347,11 +339,6 @@ def render_all(spec: Spec, models: list[OpModel]) -> dict[str, bytes]:
         out["linkfix.lds.h"] = LDS_HEADER.read_bytes()
     out["linkfix.json"] = (json.dumps(manifest(spec, models), indent=2) + "\n").encode()
     return out
-
-
-def _branch_lines(spec: Spec, k: int) -> list[str]:
-    lines = branch_site_lines(spec, k)
-    return lines + kernelsite.branch_site_lines(spec) if spec.profile.linux else lines
 
 
 def _kernel_thunks(spec: Spec, models: list[OpModel]) -> dict[str, object]:

@@ -17,12 +17,15 @@ def _byte_list(data: bytes) -> str:
     return ",".join(f"0x{b:02x}" for b in data)
 
 
-def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
+def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str],
+                  held: list[str] | None = None) -> list[str]:
     """The site (the dispatch call and its padding) and its record, as assembler lines.
 
     `uid` makes labels unique per use (`%=` in C asm, `\\@` in a GAS macro);
     `esc` escapes text for the consumer (`%` -> `%%` in C asm). The bodies are
     not here: linkfix_thunks.S stores one copy of each for every site.
+    `held`: the site's own lines when it is written holding a backend's bytes
+    (written.py; they start with the site's label), instead of the call.
 
     The length guard is an `.org` assertion, which GNU as and clang's integrated
     assembler both check after layout (clang cannot evaluate a label difference
@@ -44,9 +47,12 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
 
     op = m.op.name
     s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
-    lines = [f"{s}:", f"\tcall {dispatch_name(op)}"]
-    if m.pad:
-        lines.append(f"\t.byte {_byte_list(m.pad)}")
+    if held is not None:
+        lines = list(held)
+    else:
+        lines = [f"{s}:", f"\tcall {dispatch_name(op)}"]
+        if m.pad:
+            lines.append(f"\t.byte {_byte_list(m.pad)}")
     wrong_size = f"({e} - {s}) != {m.site_len}"
     lines += [f"{e}:",
               *gas_error(wrong_size, f"linkfix: site of op {op} is not {m.site_len} bytes"),
@@ -61,16 +67,24 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str]) -> list[str]:
     return lines
 
 
-def branch_site_lines(spec: Spec, b: int) -> list[str]:
-    """A `linkfix_backend_is(<backend b>)` site for C asm goto (labels yes / generic)."""
+def branch_site_lines(spec: Spec, b: int, nop: str | None = None,
+                      written: bool = False) -> list[str]:
+    """A `linkfix_backend_is(<backend b>)` site for C asm goto (labels yes / generic).
+    `written` (written.py): the site holds the jump to the true label, or, given
+    `nop`, those bytes."""
     uid = "%="
     s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
     op_index = len(spec.ops) + b - 1
+    if not written:
+        site = ["\t.byte 0xe9", f"\t.long %l[__lf_generic] - {e}"]
+    elif nop is None:
+        site = ["\t.byte 0xe9", f"\t.long %l[__lf_yes] - {e}"]
+    else:
+        site = [f"\t.byte {nop}"]
     return [
         f"{s}:",
         # Force rel32: GAS would relax a `jmp` to a near label to 2 bytes.
-        "\t.byte 0xe9",
-        f"\t.long %l[__lf_generic] - {e}",
+        *site,
         f"{e}:",
         '\t.pushsection .linkfix.branches,"a"',
         "\t.balign 4",
