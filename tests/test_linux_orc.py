@@ -1,7 +1,7 @@
 """integrations/linux/orc.py on a real vmlinux: Linux 6.1 config B, baseline build.
 
-The kernel is built by integrations/linux/build.sh (minutes, not part of the default
-run); without it these tests skip. Deselect them with -m 'not linux'.
+The kernel is built by integrations/linux/build.sh, through the `linux_builds`
+fixture (conftest.py: incremental from the cache). Deselect with -m 'not linux'.
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ BUILD = CACHE / "build" / "B-baseline"
 VMLINUX = BUILD / "vmlinux"
 SRCTREE = CACHE / "src" / "linux-source-6.1"
 
-pytestmark = [
-    pytest.mark.linux,
-    pytest.mark.skipif(not VMLINUX.is_file(),
-                       reason=f"no Linux config B baseline build at {VMLINUX}: "
-                              "run integrations/linux/build.sh --configs B"),
-]
+pytestmark = [pytest.mark.linux, pytest.mark.usefixtures("linux_builds")]
 
 
 def _load_orc():
@@ -43,7 +38,7 @@ orc = _load_orc()
 
 
 @pytest.fixture(scope="module")
-def table():
+def table(linux_builds):
     return orc.OrcTable.from_file(VMLINUX)
 
 
@@ -61,8 +56,7 @@ def _unique_ips(t):
 def test_layout_is_that_of_the_tree():
     # the decoder assumes 6.1's little-endian struct orc_entry; check the header says so
     hdr = SRCTREE / "arch" / "x86" / "include" / "asm" / "orc_types.h"
-    if not hdr.is_file():
-        pytest.skip(f"no source tree at {SRCTREE}")
+    assert hdr.is_file(), f"no source tree at {SRCTREE}"
     text = hdr.read_text()
     le = text.split("__LITTLE_ENDIAN_BITFIELD", 1)[1].split("#elif", 1)[0]
     fields = re.findall(r"unsigned\s+(\w+):(\d+);", le)
@@ -115,8 +109,7 @@ def test_known_entries(table):
 
 def test_decoder_agrees_with_objtool(table, tmp_path):
     objtool = BUILD / "tools" / "objtool" / "objtool"
-    if not objtool.is_file():
-        pytest.skip(f"no {objtool}")
+    assert objtool.is_file(), f"no {objtool}"
     # objtool --dump=orc names entries through .rela.orc_unwind_ip when there is one,
     # and --emit-relocs (RELOCATABLE) leaves one that sorttable did not reorder; hide
     # it (rename it in .shstrtab) so that objtool prints addresses

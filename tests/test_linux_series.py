@@ -1,10 +1,13 @@
 """The linkfix patch series in a real Linux 6.1 build (integrations/linux/patches/).
 
-The kernels are built and booted by `integrations/linux/build.sh linkfix` (lfbuild.py:
-minutes, never started from here); these tests read what it left in the cache
-(out/<config>-linkfix/linkfix-summary.json, the vmlinux kept per target) and skip,
-saying why, when it is absent. Marked `linux`: deselect with -m 'not linux'. The
-series' own format is checked without any build.
+The `linux_builds` fixture (conftest.py) runs the harness first: configs B and C
+built and booted without linkfix (`integrations/linux/build.sh`) and with the
+series for every target (`build.sh linkfix`, lfbuild.py), incrementally from the
+cache. These tests then check what it measured (out/<config>-linkfix/
+linkfix-summary.json, out/<config>-baseline/summary.json) and re-run `linkfix
+verify` on the kept images. The first run on a fresh machine builds every tree
+(about an hour here); later ones take minutes. Marked `linux`: deselect with
+-m 'not linux'. The series' own format is checked without any build.
 """
 
 from __future__ import annotations
@@ -37,20 +40,29 @@ def test_series_is_format_patch_with_messages() -> None:
         body = text.split("\n\n", 1)[1].split("\n---\n", 1)[0]
         assert len([ln for ln in body.splitlines() if ln.strip()]) >= 3, p.name
         assert "\ndiff --git a/" in text
+        assert re.search(r"^Signed-off-by: \S.* <\S+@\S+>$", body, re.M), p.name
+
+
+@pytest.fixture(scope="module")
+def built(linux_builds: Path) -> Path:
+    return linux_builds
 
 
 def _summary(config: str) -> dict:
     path = CACHE / "out" / f"{config}-linkfix" / "linkfix-summary.json"
-    if not path.is_file():
-        pytest.skip(f"no linkfix build of config {config} ({path}): run "
-                    f"integrations/linux/build.sh linkfix --configs {config}")
+    assert path.is_file(), f"the harness wrote no {path}"
+    return json.loads(path.read_text())
+
+
+def _baseline(config: str) -> dict:
+    path = CACHE / "out" / f"{config}-baseline" / "summary.json"
+    assert path.is_file(), f"the harness wrote no {path}"
     return json.loads(path.read_text())
 
 
 def _target(config: str, target: str) -> dict:
     s = _summary(config)
-    if target not in s["targets"]:
-        pytest.skip(f"config {config}: target {target} not built yet")
+    assert target in s["targets"], f"config {config}: target {target} not built"
     return s["targets"][target]
 
 
@@ -58,6 +70,7 @@ CASES = [(c, t) for c in ("B", "C") for t in TARGETS]
 
 
 @pytest.mark.linux
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("config,target", CASES)
 def test_objtool_warnings_equal_baseline(config: str, target: str) -> None:
     r = _target(config, target)
@@ -66,13 +79,13 @@ def test_objtool_warnings_equal_baseline(config: str, target: str) -> None:
 
 
 @pytest.mark.linux
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("config,target", CASES)
 def test_verify_passes_on_vmlinux(config: str, target: str) -> None:
     r = _target(config, target)
     assert r["verify"]["rc"] == 0, r["verify"]
     vml = CACHE / "out" / f"{config}-linkfix" / target / "vmlinux"
-    if not vml.is_file():
-        pytest.skip(f"{vml} gone")
+    assert vml.is_file(), f"the harness kept no {vml}"
     p = subprocess.run([sys.executable, "-m", "linkfix", "verify", "--target", target,
                         str(vml)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -80,6 +93,7 @@ def test_verify_passes_on_vmlinux(config: str, target: str) -> None:
 
 
 @pytest.mark.linux
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("config,target", [c for c in CASES if c[0] == "B"])
 def test_orccheck_finds_nothing(config: str, target: str) -> None:
     r = _target(config, target)
@@ -88,6 +102,7 @@ def test_orccheck_finds_nothing(config: str, target: str) -> None:
 
 
 @pytest.mark.linux
+@pytest.mark.usefixtures("built")
 @pytest.mark.parametrize("config,target", CASES)
 def test_boots_print_the_counters(config: str, target: str) -> None:
     r = _target(config, target)
@@ -105,3 +120,84 @@ def test_boots_print_the_counters(config: str, target: str) -> None:
         if model_runs:
             for op in ("irq_disable", "irq_enable", "save_fl", "restore_fl", "read_cr3"):
                 assert c["at power-off"][op] > 0, (tag, op)
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("config", ["B", "C"])
+def test_baseline_builds_and_boots(config: str) -> None:
+    b = _baseline(config)
+    assert b["variant"] == "baseline" and b["boot"]["result"] == "pass", b["boot"]["reasons"]
+    assert b["boot"]["modules"]["lfops"]["insmod"], b["boot"]["modules"]
+    assert any("checks passed (linkfix off)" in ln
+               for ln in b["boot"]["modules"]["lfops"]["dmesg"])
+    assert (int(b["boot"]["kaslr_offset"], 16) != 0) == (config == "B")
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("config,target", CASES)
+def test_bzimage_payload_is_the_patched_vmlinux(config: str, target: str) -> None:
+    r = _target(config, target)["bzimage"]
+    assert r["sections_equal"], r
+    assert r["verify"]["rc"] == 0, r["verify"]
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("config,target", CASES)
+def test_no_table_resident_after_boot(config: str, target: str) -> None:
+    r = _target(config, target)
+    for tag, b in r["boots"].items():
+        res = b["resident"]
+        assert "error" not in res, (tag, res)
+        assert res["freed_initmem"], tag
+        assert res["table_bytes"] > 0 and res["sites"] > 1000, (tag, res)
+        assert res["resident_bytes"] == 0, (tag, res)
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("config,target", CASES)
+def test_module_runs_every_op(config: str, target: str) -> None:
+    r = _target(config, target)
+    assert r["module_sites"].get("lfops", 0) >= 9, r["module_sites"]
+    for tag, b in r["boots"].items():
+        assert b["lfops"]["passed"], (tag, b["lfops"])
+        assert "(linkfix on)" in b["lfops"]["line"], (tag, b["lfops"])
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("config", ["B", "C"])
+def test_retargeting_is_byte_exact(config: str) -> None:
+    r = _target(config, "generic")["retarget"]
+    assert all(rc == 0 for rc in r["runs"].values()), r
+    assert r["equal"] and all(r["equal"].values()), r
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+def test_orc_equals_the_written_kernel() -> None:
+    """Config B: every site's bytes and the ORC entry at every address of the patched
+    native vmlinux equal those of the kernel compiled with the native bytes written
+    into its sites (LINKFIX_GENFLAGS=--written native, writtencheck.py)."""
+    w = _summary("B")["written"]
+    c = w["compare"]
+    assert w["verify"]["rc"] == 0, w["verify"]
+    assert ".text" in c["compared_sections"], c
+    assert c["sites"]["count"] > 1000
+    assert c["sites"]["in_compared_sections"] == c["sites"]["count"], c["not_compared"]
+    assert c["sites"]["differences"] == 0, c["sites"]["first"]
+    assert c["orc"]["differences"] == 0, c["orc"]["first"]
+    assert c["orc"]["entries_written"] > 10_000
+    assert w["ok"]
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+@pytest.mark.parametrize("config", ["B", "C"])
+def test_noop_make_does_nothing(config: str) -> None:
+    n = _summary(config)["noop_make"]
+    assert n["vmlinux_unchanged"] and not n["relinked"] and not n["repatched"], n
+    assert _summary(config)["ok"]

@@ -166,7 +166,7 @@ def payload_check(b: kbuild.Build, lf: list[str], target: str, keep: Path) -> di
     return res
 
 
-INIT_SYM = re.compile(r"linkfix-init: init-symbol: ([0-9a-f]+) \w (\w+)$")
+INIT_SYM = re.compile(r"linkfix-init: init-symbol: ([0-9a-f]+) \S (\w+)$")
 FREED = "Freeing unused kernel image (initmem) memory"
 
 
