@@ -111,6 +111,7 @@ def test_boots_print_the_counters(config: str, target: str) -> None:
         assert b["result"] == "pass", (tag, b["reasons"])
         c = b["counters"]
         assert set(c["at boot"]) == set(OPS) and set(c["at power-off"]) == set(OPS), tag
+        assert set(c["by /init"]) == set(OPS), (tag, c["by /init"])
         assert c["report"]["target"] == target
         model_runs = target == "model" or "linkfix=model" in b["cmdline"]
         assert c["report"]["backend"] == ("model" if model_runs else "native"), tag

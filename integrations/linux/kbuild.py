@@ -517,6 +517,9 @@ for ko in /lib/modules/*.ko; do
     echo "linkfix-init: rmmod $name rc=$?"
     dmesg -c | sed "s/^/linkfix-init: dmesg $name: /"
 done
+if [ -r /proc/linkfix ]; then
+    sed 's/^/linkfix-init: counter: /' /proc/linkfix
+fi
 echo "@DONE@"
 reboot -f
 """.replace("@MARKER@", MARKER).replace("@DONE@", DONE)

@@ -43,6 +43,7 @@ import writtencheck  # noqa: E402
 
 TARGETS = ("native", "model", "generic")
 COUNTER = re.compile(r"linkfix: model (at boot|at power-off): (\w+) (\d+)$")
+INIT_COUNTER = re.compile(r"linkfix-init: counter: (\w+) (\d+)$")
 REPORT = re.compile(r"linkfix: target (\w+), patched (\w+), backend (\w+)$")
 
 
@@ -82,9 +83,13 @@ def run_cmd(argv: list[str]) -> dict:
 
 
 def counters(log: Path) -> dict:
-    out: dict = {"report": None, "at boot": {}, "at power-off": {}}
+    """The model's counters: printed by the kernel at boot and at power-off (its reboot
+    notifier), and read by /init from /proc/linkfix before it ends the machine."""
+    out: dict = {"report": None, "at boot": {}, "at power-off": {}, "by /init": {}}
     for line in log.read_text(errors="replace").replace("\r", "").splitlines():
-        if m := COUNTER.search(line):
+        if m := INIT_COUNTER.match(line):
+            out["by /init"][m.group(1)] = int(m.group(2))
+        elif m := COUNTER.search(line):
             out[m.group(1)][m.group(2)] = int(m.group(3))
         elif m := REPORT.search(line):
             out["report"] = {"target": m.group(1), "patched": m.group(2),
