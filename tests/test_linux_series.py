@@ -202,3 +202,38 @@ def test_noop_make_does_nothing(config: str) -> None:
     n = _summary(config)["noop_make"]
     assert n["vmlinux_unchanged"] and not n["relinked"] and not n["repatched"], n
     assert _summary(config)["ok"]
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("built")
+def test_written_comparison_sees_one_changed_entry(tmp_path: Path) -> None:
+    """The comparison is live: one ORC entry inside a save_fl site (where the body has
+    pushed the flags) edited in a copy of the patched vmlinux is one difference, and
+    one site byte changed is one differing site."""
+    sys.path.insert(0, str(ROOT / "integrations" / "linux"))
+    import orc  # noqa: PLC0415
+    import writtencheck  # noqa: PLC0415
+
+    patched = CACHE / "out" / "B-linkfix" / "native" / "vmlinux"
+    written = CACHE / "build" / "B-written" / "vmlinux"
+    lf = [sys.executable, "-m", "linkfix"]
+    t = orc.OrcTable.from_file(patched)
+    sites = writtencheck.sites(lf, patched)
+    addr = next(a + 3 for a, _, op in sites if op == "save_fl" and t.index(a + 3) is not None
+                and t.ips[t.index(a + 3)] == a + 3)
+    i = t.index(addr)
+    data = bytearray(patched.read_bytes())
+    off = t.entry_file_offset(i)
+    data[off] ^= 0x08  # sp_offset += or -= 8
+    edited = tmp_path / "vmlinux.orc"
+    edited.write_bytes(data)
+    res = writtencheck.check(edited, written, lf)
+    assert res["orc"]["differences"] == 1 and res["orc"]["differences_in_sites"] == 1, res["orc"]
+    assert not res["ok"]
+    site, size, _ = sites[len(sites) // 2]
+    sec = next(s for s in t.elf.sections if s.addr <= site < s.addr + s.size and s.size)
+    data = bytearray(patched.read_bytes())
+    data[sec.offset + site - sec.addr] ^= 0xFF
+    edited.write_bytes(data)
+    res = writtencheck.check(edited, written, lf)
+    assert res["sites"]["differences"] == 1 and not res["ok"], res["sites"]

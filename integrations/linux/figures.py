@@ -128,6 +128,9 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
     w = lf.get("written")
     if w:
         cmp = w["compare"]
+        mv = cmp["text"].get("moved_sections", {})
+        moved = ", ".join(f"{k} {v:+#x}" for k, v in list(mv.items())[:6]) + \
+            (", ..." if len(mv) > 6 else "")
         out.append(
             f"Against the kernel built with the native bytes written into the sites "
             f"(`LINKFIX_GENFLAGS=--written native`, make {w['build']['make_wall_s']} s, "
@@ -137,7 +140,9 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
             f"{cmp['orc']['entries_written']:,} (written), **{cmp['orc']['differences']} "
             f"differences** over {', '.join(cmp['compared_sections'])}; "
             f"{cmp['text']['differing_outside_sites']:,} text bytes differ outside the "
-            f"sites; not compared: {', '.join(cmp['not_compared']) or 'nothing'}.")
+            f"sites, the references to data the written kernel places elsewhere "
+            f"({moved}); "
+            f"not compared (moved): {', '.join(cmp['not_compared']) or 'nothing'}.")
     out.append(f"All checks: {'passed' if lf.get('ok') else 'FAILED'}.")
     return out + [""]
 

@@ -19,7 +19,8 @@ Checked, each counted:
              over the compared sections: the same in both (orc.py's comparison);
              the differences inside sites are counted apart;
   text       the bytes of the compared sections outside the sites (informative: a
-             data section that moved changes RIP-relative displacements).
+             data section that moved changes the displacements and addresses that
+             point into it; the sections placed elsewhere are listed with how far).
 
 Exits 0 only if the layout is comparable, the sites are there, and no site byte and
 no ORC entry differs. Standard library only; it runs linkfix (inspect) as a command.
@@ -124,8 +125,13 @@ def check(patched: Path, written: Path, linkfix: list[str]) -> dict:
                 differing -= sum(p != q for p, q in zip(read_at(ea, s, addr, n),
                                                          read_at(eb, s, addr, n),
                                                          strict=True))
+    # Allocated sections placed elsewhere in WRITTEN (by how much): what the text
+    # bytes that differ outside the sites point at.
+    moved = {s.name: eb.by_name[s.name].addr - s.addr for s in ea.sections
+             if s.flags & SHF_ALLOC and s.size and s.name in eb.by_name
+             and eb.by_name[s.name].addr != s.addr}
     res["text"] = {"bytes_compared": sum(s.size for s in same),
-                   "differing_outside_sites": differing}
+                   "differing_outside_sites": differing, "moved_sections": moved}
     res["ok"] = bool(same) and not moved_sites(res) and not site_diffs and not diffs \
         and len(all_sites) > 0
     return res
