@@ -60,8 +60,8 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
     out = [f"### Config {c}: {kbuild.CONFIGS[c].what}", ""]
     if base is not None:
         bb = base["boot"]
-        lfops = next((ln for ln in bb["modules"].get("lfops", {}).get("dmesg", [])
-                      if "checks" in ln), "-")
+        lfops = next((ln.removeprefix("lfops: ") for ln in
+                      bb["modules"].get("lfops", {}).get("dmesg", []) if "checks" in ln), "-")
         out += [f"Baseline (no linkfix): make {base['make_wall_s']} s "
                 f"({'full build' if base['full_build'] else 'incremental'}), "
                 f"{base['objtool_warnings']} objtool warning(s), boot {bb['result']} in "
@@ -103,8 +103,9 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
                f"({_n(boot.get('table_bytes'))} bytes) all inside [__init_begin, "
                f"__init_end), which it reported freeing: **{_n(boot.get('resident_bytes'))}"
                f" bytes resident, {_n(boot.get('resident_bytes_per_site'))} per site**.")
-    out.append(f"Text: function bytes (nm t/T) {_n(any_t['function_growth'])} against the "
-               f"baseline; `.text` section {_n(any_t['text_growth'])}.")
+    out.append(f"Text against the baseline: function bytes (nm t/T) "
+               f"{any_t['function_growth']:+,}; the `.text` section "
+               f"{any_t['text_growth']:+,} bytes.")
     g = lf["targets"].get("generic", {})
     if "patch_native" in g:
         out.append(f"`linkfix patch --target native` of the generic vmlinux: "
