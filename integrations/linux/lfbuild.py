@@ -36,6 +36,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 import bzimage  # noqa: E402
+import figures  # noqa: E402
 import kbuild  # noqa: E402
 import orc  # noqa: E402
 import series  # noqa: E402
@@ -379,46 +380,11 @@ def run_config(c: str, args) -> dict:
     ok = ok and summary.get("written", {"ok": True})["ok"]
     summary["ok"] = ok
     kbuild.write_atomic(out / "linkfix-summary.json", json.dumps(summary, indent=2) + "\n")
-    kbuild.write_atomic(out / "figures.md", figures(summary))
+    kbuild.write_atomic(out / "figures.md", "\n".join(
+        figures.config_figures(c, bsum or None, summary)) + "\n")
     kbuild.log(f"{c}-linkfix: {'all checks passed' if ok else 'FAILED'}; "
                f"{out / 'linkfix-summary.json'}")
     return summary
-
-
-def figures(s: dict) -> str:
-    """The summary as the Markdown tables of docs/LINUX.md and README.md."""
-    out = [f"Config {s['config']}, series of {len(s['series'])} patches.", "",
-           "| target | make wall (s) | objtool warnings (baseline) | verify | ORC checker "
-           "| .text / function bytes growth | boots |", "|---|---|---|---|---|---|---|"]
-    for t, r in s["targets"].items():
-        o = r["orccheck"]
-        boots = "; ".join(
-            f"{tag}: {b['result']} {b['wall_s']} s, model counted "
-            f"{sum(b['counters']['at power-off'].values())}" for tag, b in r["boots"].items())
-        out.append(f"| {t} | {r['build']['make_wall_s']} | {r['build']['objtool_warnings']} "
-                   f"({len(r['objtool']['baseline'] or [])}, "
-                   f"{'equal' if r['objtool']['equal'] else 'DIFFERENT'}) "
-                   f"| rc {r['verify']['rc']} | {o['sites']} sites, {o['instructions']} "
-                   f"instructions, {o['problems']} problems | {r['text_growth']} / "
-                   f"{r.get('function_growth')} | {boots} |")
-    any_t = next(iter(s["targets"].values()))
-    sites = any_t["sites"]
-    out += ["", "Sites per op: `" + json.dumps(sites.get("ops", sites))[:1500] + "`", ""]
-    tb = any_t["tables"]
-    out.append(f"Table bytes linked (init memory): .linkfix.* {tb['linkfix_total']} "
-               f"({tb['linkfix_sections']}), .altinstructions/.altinstr_replacement growth "
-               f"{tb['alt_growth']}; total {tb['init_total']}.")
-    g = s["targets"].get("generic", {})
-    if "patch_native" in g:
-        out.append(f"`linkfix patch --target native` of the generic vmlinux: "
-                   f"{g['patch_native']['seconds']} s; the final `ld` of vmlinux again: "
-                   f"{g.get('final_link', {}).get('seconds')} s.")
-    if "noop_make" in s:
-        n = s["noop_make"]
-        out.append(f"No-op make: {n['make_wall_s']} s, vmlinux unchanged: "
-                   f"{n['vmlinux_unchanged']}, relinked: {n['relinked']}, "
-                   f"repatched: {n['repatched']}.")
-    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
