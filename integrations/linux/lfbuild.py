@@ -9,12 +9,16 @@ variant `linkfix` (build/<config>-linkfix, CONFIG_LINKFIX=y) once per target
 arch/x86/linkfix/ops.o, relinks and repatches, nothing else), and for each target:
 keep a copy of vmlinux in out/<config>-linkfix/<target>/, compare the objtool
 warnings with the baseline's (out/<config>-baseline/objtool-warnings.txt, built by
-`build.sh` without linkfix), run `linkfix verify` and the ORC checker
-(tests/tools/orccheck.py) on vmlinux, build the modules and boot (generic: once with
-the default backend and once with linkfix=model), and read the model backend's
-counters from the boot log. Then the figures: sites per op, .text growth against the
-baseline, the table bytes linked, `linkfix patch` time against the relink time.
-Everything goes to out/<config>-linkfix/linkfix-summary.json.
+`build.sh` without linkfix), run `linkfix verify` on vmlinux and on the bzImage's
+payload (which must hold vmlinux's sections: bzimage.py), run the ORC checker
+(tests/tools/orccheck.py), build the modules and boot (generic: once with the
+default backend and once with linkfix=model); a boot must print the model's
+counters, pass lfops, and show from /proc/kallsyms that no table outlives init
+memory. The generic image is also re-targeted byte for byte and timed against the
+final link. With ORC (config B): the written build (build/B-written, the native
+bytes compiled into the sites) and writtencheck.py's comparison with the patched
+native vmlinux. Last a no-op make. Everything goes to
+out/<config>-linkfix/linkfix-summary.json, the figures to figures.md (figures.py).
 
 LINKFIX (the linkfix command make runs) defaults to this checkout's venv with
 PYTHONPATH set to the checkout; override with --linkfix.
