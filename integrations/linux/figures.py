@@ -38,6 +38,10 @@ def _n(x: float | int | None) -> str:
     return f"{x:,}" if isinstance(x, int) else f"{x:,.2f}".rstrip("0").rstrip(".")
 
 
+def _full(build: dict) -> str:
+    return " (full)" if build.get("full_build") else ""
+
+
 def _tool(cmd: list[str]) -> str:
     try:
         return subprocess.run(cmd, capture_output=True, text=True).stdout.split("\n")[0]
@@ -78,7 +82,8 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
         res = {b["resident"].get("resident_bytes") for b in r["boots"].values()}
         ops = {b.get("lfops", {}).get("passed") for b in r["boots"].values()}
         out.append(
-            f"| {t} | {r['build']['make_wall_s']} | {r['build']['objtool_warnings']}, "
+            f"| {t} | {r['build']['make_wall_s']}{_full(r['build'])} | "
+            f"{r['build']['objtool_warnings']}, "
             f"{'equal' if r['objtool']['equal'] else 'DIFFERENT'} | "
             f"rc {r['verify']['rc']} | {bz.get('sections_equal')}, rc "
             f"{bz.get('verify', {}).get('rc')} | {orc} | "
@@ -134,7 +139,8 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
             (", ..." if len(mv) > 6 else "")
         out.append(
             f"Against the kernel built with the native bytes written into the sites "
-            f"(`LINKFIX_GENFLAGS=--written native`, make {w['build']['make_wall_s']} s, "
+            f"(`LINKFIX_GENFLAGS=--written native`, make {w['build']['make_wall_s']} s"
+            f"{_full(w['build'])}, "
             f"{w['build']['objtool_warnings']} objtool warning(s)): "
             f"{cmp['sites']['count']:,} sites compared, **{cmp['sites']['differences']} "
             f"differing**; ORC entries {cmp['orc']['entries_patched']:,} (patched) and "
@@ -149,11 +155,13 @@ def config_figures(c: str, base: dict | None, lf: dict) -> list[str]:
 
 
 def render(cache: Path) -> str:
+    env = "" if cache == kbuild.default_cache() else f"LINKFIX_LINUX_CACHE={cache} "
+    opt = "" if cache == kbuild.default_cache() else f" --cache {cache}"
     out = [BEGIN, "",
-           f"Measured by `integrations/linux/build.sh --configs B,C` and "
-           f"`integrations/linux/build.sh linkfix --configs B,C` (or the `linux` tests, "
-           f"which run both), then `python3 integrations/linux/figures.py --write "
-           f"docs/LINUX.md`. {os.cpu_count()} cores, {platform.machine()}, "
+           f"Measured by `{env}integrations/linux/build.sh --configs B,C` and "
+           f"`{env}integrations/linux/build.sh linkfix --configs B,C` (or the `linux` "
+           f"tests, which run both), then `python3 integrations/linux/figures.py{opt} "
+           f"--write docs/LINUX.md`. {os.cpu_count()} cores, {platform.machine()}, "
            f"{_tool(['gcc', '--version'])}, {_tool(['ld', '--version'])}, "
            f"{_tool(['qemu-system-x86_64', '--version'])} (tcg). Make times are those "
            f"of the last run (incremental unless it says full).", ""]
