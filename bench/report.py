@@ -250,17 +250,17 @@ def _inspect_why(pl: PostlinkResult, t: Target) -> str:
     mb = big.image_bytes / 2**20
     parts = []
     if big.validate.peak_kb:
-        parts.append(f"Reading the {mb:.0f} MB image and validating its records alone (which "
-                     f"inspect and patch share) peaks at {big.validate.peak_kb / 1024:.0f} MB, "
+        parts.append(f"Reading the {mb:.0f} MB image mapped and validating its records alone "
+                     f"(inspect's floor) peaks at {big.validate.peak_kb / 1024:.0f} MB, "
                      f"{big.validate.peak_kb * 1024 / big.image_bytes:.1f}x the image")
     if big.patch.peak_kb:
         parts.append(f"`linkfix patch` peaks at {big.patch.peak_kb / 1024:.0f} MB "
                      f"({big.patch.peak_kb * 1024 / big.image_bytes:.1f}x)")
     text = "; ".join(parts)
     if "memory" in t.what:
-        return (text + ". Inspect adds what splicing each alternative needs while it runs "
-                "(the splicer's per-record lists) and every listed site's bytes per "
-                "alternative (a few bytes a site), not the listing itself, which is streamed.")
+        return (text + ". Inspect adds one block of sites at a time (each alternative's "
+                "bytes for the block, made by C-level passes, and the totals counted as it "
+                "goes) and the interpreter's own; the listing itself is streamed.")
     return text + "." if text else ""
 
 
@@ -545,10 +545,11 @@ def _inspect_table(pl: PostlinkResult) -> list[str]:
     out = ["`linkfix inspect` on the same images, stdout to /dev/null: the text listing and "
            "`--jsonl`, each against `linkfix patch`'s time (target <= "
            f"{INSPECT_TIME_X:.0f}x) and the image's size (peak memory, target <= "
-           f"{INSPECT_MEMORY_X:.0f}x). *validate* is reading the image and validating its "
-           "records, nothing else (`python -c` on linkfix.postlink.image and "
-           "linkfix.postlink.tables): the "
-           "floor both commands share.", ""]
+           f"{INSPECT_MEMORY_X:.0f}x). *validate* is reading the image as inspect does "
+           "(mapped, each page handed back once read) and validating its records, nothing "
+           "else (`python -c` on linkfix.postlink.image and linkfix.postlink.tables): the "
+           "floor inspect stands on (patch validates the same records from the image read "
+           "into memory).", ""]
     rows = []
     for s in pl.sizes:
         row = [f"{s.sites:,}", f"{s.image_bytes / 1e6:.1f}", fmt(s.patch.median, 3),
