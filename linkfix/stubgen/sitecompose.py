@@ -31,7 +31,7 @@ def site_text(spec: Spec, m: OpModel, uid: str, esc: Callable[[str], str]) -> li
     mine = op_site_lines(m, uid, esc, held)
     if spec.profile.linux:
         mine += kernelsite.op_site_lines(spec, m, uid)
-    return written.pad_lines(mine, len(lines), f"op '{m.op.name}'")
+    return written.pad_lines(spec, mine, len(lines), f"op '{m.op.name}'")
 
 
 def branch_text(spec: Spec, k: int) -> list[str]:
@@ -45,4 +45,4 @@ def branch_text(spec: Spec, k: int) -> list[str]:
     mine = branch_site_lines(spec, k, written.branch_bytes(spec, k), written=True)
     if spec.profile.linux:
         mine += kernelsite.branch_site_lines(spec)
-    return written.pad_lines(mine, len(lines), f"branch site of backend {k}")
+    return written.pad_lines(spec, mine, len(lines), f"branch site of backend {k}")

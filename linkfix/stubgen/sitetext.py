@@ -47,15 +47,19 @@ def op_site_lines(m: OpModel, uid: str, esc: Callable[[str], str],
 
     op = m.op.name
     s, e = f".Llf_s_{uid}", f".Llf_e_{uid}"
+    wrong_size = f"({e} - {s}) != {m.site_len}"
     if held is not None:
-        lines = list(held)
+        # The stored copy's bytes, which gen-stubs measured: the `.org` guard alone
+        # (no readable `.error`) leaves room for their extra lines (written.py).
+        lines = list(held)  # bytes, symbols and the uid's own label: nothing to escape
+        guard = []
     else:
         lines = [f"{s}:", f"\tcall {dispatch_name(op)}"]
         if m.pad:
             lines.append(f"\t.byte {_byte_list(m.pad)}")
-    wrong_size = f"({e} - {s}) != {m.site_len}"
+        guard = gas_error(wrong_size, f"linkfix: site of op {op} is not {m.site_len} bytes")
     lines += [f"{e}:",
-              *gas_error(wrong_size, f"linkfix: site of op {op} is not {m.site_len} bytes"),
+              *guard,
               org_assert(e, wrong_size),
               '\t.pushsection .linkfix.sites,"a"',
               "\t.balign 4",

@@ -16,7 +16,9 @@ tables can be compared address by address (integrations/linux/orc.py).
 The layout is the same only if the compiler treats both asm statements alike. GCC
 estimates an asm statement's size from its number of lines (inlining depends on
 it), so a written site's text is padded with empty lines to the ordinary text's
-line count; its operands and clobbers are untouched.
+line count (the written site drops the readable `.error` of the length guard, keeping
+its `.org`, to make room for a copy's extra lines; a site whose copy still takes more
+lines than the ordinary site is refused); its operands and clobbers are untouched.
 """
 
 from __future__ import annotations
@@ -68,11 +70,13 @@ def state(spec: Spec, models: list[OpModel]) -> dict[str, object]:
     return {"target": b, "patched": 1, "op_state": ops + (b,) * len(spec.backends)}
 
 
-def pad_lines(lines: list[str], count: int, what: str) -> list[str]:
+def pad_lines(spec: Spec, lines: list[str], count: int, what: str) -> list[str]:
     """lines, then empty lines up to count (the ordinary site text's line count)."""
     if len(lines) > count:
-        # Cannot happen while a written site drops every alternative of the ordinary
-        # one; refuse rather than let the compiler see a different statement.
-        raise ValueError(f"{what}: the written site text has {len(lines)} lines, more "
-                         f"than the ordinary site's {count}")
+        # The compiler would size the two asm statements differently (and could inline
+        # differently): no reference build then.
+        raise BadInput(spec.path, f"--written {spec.profile.written}: {what}: the site's "
+                                  f"bytes take {len(lines)} assembler lines, more than the "
+                                  f"{count} of its ordinary site, so the compiler would "
+                                  f"not see the same statement")
     return lines + [""] * (count - len(lines))

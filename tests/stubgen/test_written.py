@@ -96,10 +96,18 @@ def _patch(image: Path, target: str, dest: Path) -> bytes:
     return _loaded(dest)
 
 
+# The fixture specs, the runtime ones (bodies with several relocated fields: more
+# assembler lines in a written site) and the sample kernel's.
+SPECS = [(f"tests/specs/{n}_{a}.toml" if n else f"tests/specs/{a}.toml", a)
+         for n in ("", "runtime") for a in ("x86_64", "i386")] + \
+    [(f"sample_kernel/spec/{a}.toml", a) for a in ("x86_64", "i386")]
+
+
 @pytest.mark.parametrize("cc", COMPILERS)
-@pytest.mark.parametrize("arch", ["x86_64", "i386"])
-def test_written_image_is_the_patched_image(tmp_path: Path, arch: str, cc: str) -> None:
-    spec = ROOT / "tests" / "specs" / f"{arch}.toml"
+@pytest.mark.parametrize("spec_name,arch", SPECS)
+def test_written_image_is_the_patched_image(tmp_path: Path, spec_name: str, arch: str,
+                                            cc: str) -> None:
+    spec = ROOT / spec_name
     ordinary = _image(tmp_path, spec, arch, cc, None)
     backends = json.loads((tmp_path / "ordinary" / "linkfix.json").read_text())["backends"]
     assert len(backends) >= 2
@@ -118,3 +126,21 @@ def test_written_unknown_backend_is_refused(tmp_path: Path, capsys) -> None:
     assert rc == 2 and len(err) == 1, err
     assert str(spec) in err[0] and "nosuch" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_written_site_with_more_lines_is_refused(tmp_path: Path, capsys) -> None:
+    """A copy with four relocated fields takes more assembler lines than the ordinary
+    site: the compiler would see another statement, so there is no reference build."""
+    spec = tmp_path / "many.toml"
+    spec.write_text('[linkfix]\narch = "x86_64"\nbackends = ["native", "hv"]\n'
+                    'default_backend = "native"\n[ops.zap.bodies]\n'
+                    'native = "movl $0, za(%rip); movl $0, zb(%rip); movl $0, zc(%rip); '
+                    'movl $0, zd(%rip)"\nhv = "call hv_zap"\n')
+    assert cli.main(["gen-stubs", str(spec), "-o", str(tmp_path / "ok"), "-q"]) == 0
+    out = tmp_path / "o"
+    rc = cli.main(["gen-stubs", str(spec), "-o", str(out), "--written", "native"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert str(spec) in err[0] and "op 'zap'" in err[0] and "assembler lines" in err[0]
+    assert not out.exists()
+    assert cli.main(["gen-stubs", str(spec), "-o", str(out), "--written", "hv", "-q"]) == 0
